@@ -1,0 +1,419 @@
+"""Experiment configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+A run is described by one YAML file (``configs/*.yaml``) plus ``section.key=value``
+overrides on the command line. Everything is checked when it is loaded, before any
+model is built or any data is read: unknown keys, wrong types and inconsistent
+values raise :class:`ConfigError` with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled, of the wrong type or inconsistent."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The reAR generator (method spec section 2). Defaults are reAR-L's shape."""
+
+    hidden_size: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    codebook_size: int = 1024  # K: image token ids 0..K-1, then [MASK]=K
+    num_classes: int = 1000  # C: class c -> id K+1+c, null class -> K+1+C
+    num_tokens: int = 256  # N: image tokens per sample (16x16 grid)
+    dropout: float = 0.1  # projection and MLP dropout
+    attn_dropout: float = 0.1  # attention-probability dropout
+    # Training-only alignment heads (spec 3.3). Their sizes are part of the checkpoint layout.
+    align_proj_dim: int = 2048
+    align_z_dim: int = 256  # must equal the tokenizer's codebook vector size
+    align_head_layers: int = 3  # released code: 3 Linear layers with SiLU in between
+    align_head_act: str = "silu"  # "silu" (released code) or "gelu" (paper text)
+    encode_align_layer: int = 0  # 0-based block index whose output feeds the encode head
+    decode_align_layer: int = 18  # 3/4 depth
+    # Table sizes kept as in the reference for checkpoint compatibility (N + 1024, N + 100).
+    pos_table_extra: int = 1024
+    cond_table_extra: int = 100
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def class_offset(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def null_class_id(self) -> int:
+        return self.codebook_size + 1 + self.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size + 1 + self.num_classes + 1
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_tokens + 2  # [cls, class, t_0 .. t_{N-1}]
+
+    def validate(self, prefix: str = "model") -> None:
+        _positive(self, prefix, "hidden_size", "depth", "num_heads", "mlp_dim", "codebook_size",
+                  "num_classes", "num_tokens", "align_proj_dim", "align_z_dim")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{prefix}.hidden_size={self.hidden_size} must be divisible by "
+                              f"{prefix}.num_heads={self.num_heads}")
+        for key in ("dropout", "attn_dropout"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{prefix}.{key}={v} must be in [0, 1)")
+        for key in ("encode_align_layer", "decode_align_layer"):
+            v = getattr(self, key)
+            if not 0 <= v < self.depth:
+                raise ConfigError(
+                    f"{prefix}.{key}={v} is outside the model: block indices are 0-based and "
+                    f"{prefix}.depth={self.depth}, so it must be in [0, {self.depth - 1}]")
+        if self.align_head_layers < 1:
+            raise ConfigError(f"{prefix}.align_head_layers={self.align_head_layers} must be >= 1")
+        if self.align_head_act not in ("silu", "gelu"):
+            raise ConfigError(f"{prefix}.align_head_act={self.align_head_act!r}: expected 'silu' or 'gelu'")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The reAR loss (spec section 3). Both regularizers off = the plain AR baseline."""
+
+    noisy_context: bool = True  # noisy-context perturbation of the input tokens
+    perturb_mode: str = "switch"  # "switch": uniform random codebook id; "mask": the [MASK] id
+    anneal_start: int = 0  # optimizer step where rho starts to fall from 1
+    anneal_end: int = 187_500  # optimizer step where rho reaches 0
+    encode_align: bool = True
+    decode_align: bool = True
+    align_weight: float = 1.0  # lambda
+    mask_encode_at_perturbed: bool = True  # the released code masks the encode term there
+    class_dropout: float = 0.1  # probability of replacing the class by the null class
+
+    def validate(self, prefix: str = "objective") -> None:
+        if self.perturb_mode not in ("switch", "mask"):
+            raise ConfigError(f"{prefix}.perturb_mode={self.perturb_mode!r}: expected 'switch' or 'mask'")
+        if self.anneal_start < 0 or self.anneal_end <= self.anneal_start:
+            raise ConfigError(f"{prefix}.anneal_end={self.anneal_end} must be > "
+                              f"{prefix}.anneal_start={self.anneal_start} >= 0")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"{prefix}.class_dropout={self.class_dropout} must be in [0, 1)")
+        if self.align_weight < 0:
+            raise ConfigError(f"{prefix}.align_weight={self.align_weight} must be >= 0")
+
+
+@dataclass
+class TokenizerConfig:
+    """The frozen VQ tokenizer. ``name`` selects the implementation in rear_ds.models.tokenizers."""
+
+    name: str = "maskgit_vqgan"  # "maskgit_vqgan" or "toy_vq"
+    weights: str = ""  # path to .bin (torch state dict) or .safetensors; "" = not available
+    image_size: int = 256
+    # Architecture knobs (MaskGIT-VQGAN f16 defaults; the toy tokenizer uses smaller ones).
+    base_channels: int = 128
+    channel_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    codebook_size: int = 1024
+    embed_dim: int = 256
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple:
+        g = self.image_size // self.downsample
+        return (g, g)
+
+    def validate(self, prefix: str = "tokenizer") -> None:
+        if self.name not in ("maskgit_vqgan", "toy_vq"):
+            raise ConfigError(f"{prefix}.name={self.name!r}: expected 'maskgit_vqgan' or 'toy_vq'")
+        _positive(self, prefix, "image_size", "base_channels", "num_res_blocks", "codebook_size", "embed_dim")
+        if self.image_size % self.downsample:
+            raise ConfigError(f"{prefix}.image_size={self.image_size} must be divisible by the "
+                              f"downsampling factor {self.downsample} (from {prefix}.channel_mult)")
+
+
+@dataclass
+class DataConfig:
+    """Training data: WebDataset token shards (see README, "Shard format") or a reference JSONL."""
+
+    shards: str = ""  # folder holding shards + manifest.json, or a brace pattern of .tar files
+    jsonl: str = ""  # alternatively the reference's pretokenized JSONL
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    on_corrupt_shard: str = "skip"  # "skip" (warn, count, go on) or "error"
+
+    def validate(self, prefix: str = "data") -> None:
+        if bool(self.shards) == bool(self.jsonl):
+            raise ConfigError(f"exactly one of {prefix}.shards and {prefix}.jsonl must be set "
+                              f"(got shards={self.shards!r}, jsonl={self.jsonl!r})")
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers={self.num_workers} must be >= 0")
+        if self.on_corrupt_shard not in ("skip", "error"):
+            raise ConfigError(f"{prefix}.on_corrupt_shard={self.on_corrupt_shard!r}: expected 'skip' or 'error'")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay, all counted in optimizer steps (spec section 5)."""
+
+    lr: float = 4e-4
+    end_lr: float = 1e-5
+    betas: list = field(default_factory=lambda: [0.9, 0.96])
+    eps: float = 1e-8
+    weight_decay: float = 0.03
+    warmup_steps: int = 62_500
+    total_steps: int = 250_000
+    grad_clip: float = 1.0
+
+    def validate(self, prefix: str = "optim") -> None:
+        if self.lr <= 0 or self.end_lr < 0:
+            raise ConfigError(f"{prefix}.lr and {prefix}.end_lr must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas={self.betas} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0 or self.total_steps <= self.warmup_steps:
+            raise ConfigError(f"{prefix}.total_steps={self.total_steps} must be > "
+                              f"{prefix}.warmup_steps={self.warmup_steps} >= 0")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 42
+    micro_batch_size: int = 128  # per process
+    grad_accum: int = 1
+    max_steps: int = 250_000  # optimizer steps
+    precision: str = "bf16"  # "bf16", "fp16" or "fp32"; must agree with the DeepSpeed config
+    activation_checkpointing: str = "off"  # "off", "all" or "every_k"
+    checkpoint_every_k: int = 2  # with "every_k": blocks 0, k, 2k, ... are checkpointed
+    log_every: int = 50
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    sample_every: int = 0  # 0 = never; else a PNG grid every N steps (needs the tokenizer decoder)
+    sample_classes: list = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
+    compile: bool = False  # per-block torch.compile (GPU only)
+    peak_tflops: float = 0.0  # 0 = look up the accelerator in the built-in table
+    images_per_epoch: int = 1_281_167  # for "ImageNet-equivalent epochs" in the log
+    collective_timeout_s: int = 600
+    # (training helper) Build the tokenizer with random weights when tokenizer.weights is "": its codebook
+    # then gives meaningless alignment targets, so this is for tests and toy runs only.
+    allow_random_tokenizer: bool = False
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, "micro_batch_size", "grad_accum", "max_steps", "log_every",
+                  "ckpt_every", "keep_last", "checkpoint_every_k", "collective_timeout_s")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'bf16', 'fp16' or 'fp32'")
+        if self.activation_checkpointing not in ("off", "all", "every_k"):
+            raise ConfigError(f"{prefix}.activation_checkpointing={self.activation_checkpointing!r}: "
+                              "expected 'off', 'all' or 'every_k'")
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler settings (spec section 6); per-size defaults live in configs/*.yaml."""
+
+    guidance_scale: float = 10.0
+    guidance_power: float = 1.75
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    kv_cache: bool = True
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    batch_size: int = 50
+    seed: int = 42
+
+    def validate(self, prefix: str = "sampling") -> None:
+        if self.guidance_scale < 0 or self.temperature <= 0:
+            raise ConfigError(f"{prefix}.guidance_scale must be >= 0 and {prefix}.temperature > 0")
+        if not 0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError(f"{prefix}.top_p must be in (0, 1] and {prefix}.top_k >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        _positive(self, prefix, "batch_size")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "rear_ds"
+    mode: str = ""  # "" = online if an API key is configured, else offline; WANDB_MODE wins
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, need_data: bool = False) -> "Config":
+        self.model.validate()
+        self.objective.validate()
+        self.tokenizer.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.sampling.validate()
+        if need_data:
+            self.data.validate()
+        m, t = self.model, self.tokenizer
+        if m.codebook_size != t.codebook_size:
+            raise ConfigError(f"model.codebook_size={m.codebook_size} disagrees with "
+                              f"tokenizer.codebook_size={t.codebook_size}")
+        gh, gw = t.grid
+        if m.num_tokens != gh * gw:
+            raise ConfigError(f"model.num_tokens={m.num_tokens} disagrees with the tokenizer grid "
+                              f"{gh}x{gw}={gh * gw} (tokenizer.image_size={t.image_size})")
+        if (self.objective.encode_align or self.objective.decode_align) and m.align_z_dim != t.embed_dim:
+            raise ConfigError(f"model.align_z_dim={m.align_z_dim} disagrees with "
+                              f"tokenizer.embed_dim={t.embed_dim} (the alignment targets are codebook vectors)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _positive(obj: Any, prefix: str, *keys: str) -> None:
+    for key in keys:
+        v = getattr(obj, key)
+        if v <= 0:
+            raise ConfigError(f"{prefix}.{key}={v} must be positive")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``typ``; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin is typing.Union:  # Optional[...]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {name}")
+
+
+def _apply(obj: Any, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint} (known: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, full)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_override(text: str) -> tuple:
+    """``"train.max_steps=100"`` -> (["train", "max_steps"], 100); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    return key.strip().split("."), value
+
+
+def _nest(path: list, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    for p in path[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[path[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
+                need_data: bool = False) -> Config:
+    """Build a validated :class:`Config` from a YAML file and dotted overrides."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        try:
+            _apply(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply(cfg, _nest(keys, value), "")
+    return cfg.validate(need_data=need_data)
+
+
+def config_from_dict(data: dict, need_data: bool = False) -> Config:
+    cfg = Config()
+    _apply(cfg, data, "")
+    return cfg.validate(need_data=need_data)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def config_json(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

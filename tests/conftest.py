@@ -1,0 +1,32 @@
+"""Shared fixtures. Everything runs on the CPU with tiny models; nothing touches the network."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def tiny_cfg():
+    from rear_ds.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    """A tiny generator with every weight random (so adaLN-Zero does not hide bugs)."""
+    from rear_ds.models.generator import ReARGenerator
+
+    torch.manual_seed(0)
+    model = ReARGenerator(tiny_cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
