@@ -1,0 +1,156 @@
+"""The reference's pretokenized JSONL (``{"class_id": int, "tokens": [N ints]}`` per line).
+
+:class:`JsonlSource` lets ``build_train_loader`` train from that file directly (``data.jsonl``), and
+:func:`convert` turns it into token shards + manifest (``python -m rear_ds.data.jsonl_to_shards``),
+which is the faster and checkable format. The reference file is ordered (by rank, then by class),
+so both read lines through a fixed random permutation: blocks of lines are random subsets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Iterator
+
+import numpy as np
+
+from rear_ds.config import ConfigError, ModelConfig
+from . import shards as S
+
+BLOCK_LINES = 8192  # lines per reader unit
+PERM_SEED = 0
+
+
+def line_offsets(path: str) -> np.ndarray:
+    """Byte offset of every non-empty line (one pass; cached beside the file when writable)."""
+    st = os.stat(path)
+    cache = f"{path}.lineidx.npy"
+    stamp = np.array([st.st_size, int(st.st_mtime)], dtype=np.int64)
+    if os.path.isfile(cache):
+        arr = np.load(cache, allow_pickle=False)
+        if arr.shape[0] >= 2 and np.array_equal(arr[:2], stamp):
+            return arr[2:]
+    offsets, pos = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    arr = np.array(offsets, dtype=np.int64)
+    try:
+        tmp = f"{cache}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, np.concatenate([stamp, arr]), allow_pickle=False)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only location: keep the index in memory only
+    return arr
+
+
+def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int) -> tuple:
+    """One JSONL line -> (tokens (N,) uint16, class id); ShardError naming ``where`` if malformed."""
+    try:
+        obj = json.loads(raw)
+        cls, toks = int(obj["class_id"]), np.asarray(obj["tokens"], dtype=np.int64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise S.ShardError(f"{where}: not a {{'class_id', 'tokens'}} JSON line: {e}") from None
+    if toks.ndim != 1 or toks.size != num_tokens or toks.min() < 0 or toks.max() >= codebook_size:
+        raise S.ShardError(f"{where}: expected {num_tokens} token ids in [0, {codebook_size}), got "
+                           f"{toks.size} ids in [{toks.min() if toks.size else '-'}, {toks.max() if toks.size else '-'}]")
+    return toks.astype(np.uint16), cls
+
+
+class JsonlSource:
+    """Reader source over a JSONL file: units are blocks of a fixed random permutation of its lines."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: str, model_cfg: ModelConfig):
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.jsonl={path!r} does not exist")
+        self.path, self.num_tokens, self.codebook_size = path, model_cfg.num_tokens, model_cfg.codebook_size
+        self.num_classes = model_cfg.num_classes
+        self.offsets = line_offsets(path)
+        if len(self.offsets) == 0:
+            raise ConfigError(f"data.jsonl={path!r} is empty")
+        with open(path, "rb") as f:  # a clear error now rather than in a worker later
+            try:
+                parse_line(f.readline(), f"{path} line 1", self.num_tokens, self.codebook_size)
+            except S.ShardError as e:
+                raise ConfigError(f"data.jsonl does not match the model config (model.num_tokens="
+                                  f"{self.num_tokens}, model.codebook_size={self.codebook_size}): {e}") from None
+        self.order = np.random.default_rng(PERM_SEED).permutation(len(self.offsets))
+        self.num_samples = len(self.offsets)
+        self.blocks = {}
+        for b, start in enumerate(range(0, len(self.order), BLOCK_LINES)):
+            self.blocks[f"block-{b:06d}"] = start
+
+    def files(self) -> list:
+        n = len(self.order)
+        return [(self.path, name, min(BLOCK_LINES, n - start)) for name, start in self.blocks.items()]
+
+    def fingerprint(self) -> str:
+        st = os.stat(self.path)
+        return f"jsonl:{st.st_size}:{len(self.offsets)}"
+
+    def read(self, unit, skip: int = 0) -> Iterator[tuple]:
+        base = self.blocks[unit.name] + unit.start
+        with open(self.path, "rb") as f:
+            for i in range(base + skip, base + unit.count):
+                line = int(self.order[i])
+                f.seek(int(self.offsets[line]))
+                t, cls = parse_line(f.readline(), f"{self.path} line {line + 1}", self.num_tokens, self.codebook_size)
+                if not 0 <= cls < self.num_classes:
+                    raise S.ShardError(f"{self.path} line {line + 1}: class_id {cls} outside [0, {self.num_classes})")
+                yield t, cls
+
+
+def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_shard: int = 200_000,
+            shuffle_seed: int = 0, tokenizer_name: str = "maskgit_vqgan", views: str = "unknown") -> dict:
+    """JSONL -> token shards + manifest.json (lines permuted with ``shuffle_seed``; bad lines listed)."""
+    if not os.path.isfile(jsonl):
+        raise S.ShardError(f"input JSONL {jsonl!r} does not exist")
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, S.MANIFEST)) or any(n.startswith("shard-") for n in os.listdir(out)):
+        raise S.ShardError(f"output folder {out!r} already holds shards; use an empty folder")
+    offsets = line_offsets(jsonl)
+    order = np.arange(len(offsets)) if shuffle_seed < 0 else np.random.default_rng(shuffle_seed).permutation(len(offsets))
+    n_tok = grid[0] * grid[1]
+    entries, skipped, hist = [], [], {}
+    with open(jsonl, "rb") as f:
+        for j, start in enumerate(range(0, len(order), samples_per_shard)):
+            w = S.ShardWriter(os.path.join(out, S.shard_name(j)))
+            seen = 0
+            for line in order[start: start + samples_per_shard]:
+                seen += 1
+                f.seek(int(offsets[line]))
+                try:
+                    t, cls = parse_line(f.readline(), f"line {line + 1}", n_tok, codebook_size)
+                except S.ShardError as e:
+                    skipped.append({"src": f"line {line + 1}", "reason": str(e)})
+                    continue
+                w.add(S.sample_key(int(line), 0), t.reshape(grid), cls, -1, f"line {line + 1}")
+                hist[str(cls)] = hist.get(str(cls), 0) + 1
+            e = w.commit()
+            e["images_written"] = e["samples"]
+            entries.append(e)
+    written = sum(e["samples"] for e in entries)
+    manifest = {
+        "format": S.FORMAT,
+        "tokenizer": {"name": tokenizer_name, "codebook_size": codebook_size, "grid": list(grid),
+                      "weights_sha256": "", "note": "converted from a pretokenized JSONL"},
+        "preprocessing": {"views": views, "view_names": [], "note": "as in the JSONL (view = -1: unknown)"},
+        "codebook_size": codebook_size, "grid": list(grid), "num_tokens": n_tok, "dtype": "uint16",
+        "source": {"kind": "jsonl", "path": os.path.abspath(jsonl), "num_inputs": len(offsets)},
+        "classes": [], "shard_plan": {"samples_per_shard": samples_per_shard, "num_shards": len(entries),
+                                      "shuffle_seed": shuffle_seed},
+        "shards": entries, "num_samples": written,
+        "class_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "accounting": {"images_seen": len(offsets), "images_written": written, "images_skipped": len(skipped),
+                       "samples_written": written},
+        "skipped": skipped, "empty_class_folders": [],
+    }
+    S.write_json_atomic(os.path.join(out, S.MANIFEST), manifest)
+    print(f"converted {jsonl}: lines seen = written + skipped: {len(offsets)} = {written} + {len(skipped)} "
+          f"-> {len(entries)} shards in {out}", file=sys.stderr)
+    return manifest

@@ -1,0 +1,208 @@
+"""Tokenization inputs: an ImageNet-style folder, or existing WebDataset image shards.
+
+A source is listed once, up front, into a sorted list of :class:`InputItem` (cheap: file names and
+tar offsets only, no decoding). Every item has a stable string id (``src``), a class index, and a
+way to fetch its bytes (:func:`read_bytes`) that works in any worker process.
+
+Tar members are only ever read into memory; nothing from a tar is written to disk, so member
+names such as ``../evil`` or ``/abs`` cannot escape anywhere.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class InputError(ValueError):
+    """The input path or class-index file is unusable (raised before any work starts)."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    src: str  # stable id: path relative to the folder, or "<shard>.tar:<key>"
+    label: int  # class index; -1 when the sample has no usable label
+    path: str  # file on disk (the image, or the tar holding it)
+    offset: int = -1  # byte offset of the member data inside the tar (-1 = whole file)
+    size: int = -1
+    problem: str = ""  # non-empty: known bad before decoding (e.g. "no cls member")
+
+
+@dataclass
+class SourceListing:
+    kind: str  # "folder" or "wds"
+    path: str
+    items: list
+    classes: list  # class names in index order (folder names; [] for wds)
+    empty_classes: list = field(default_factory=list)
+    class_index_file: str = ""
+
+    def fingerprint(self) -> str:
+        """sha256 over (src, label) of all items: changes when the input set changes."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.src}\t{it.label}\n".encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "num_inputs": len(self.items),
+                "num_classes": len(self.classes), "class_index_file": self.class_index_file,
+                "listing_sha256": self.fingerprint()}
+
+
+def read_bytes(item: InputItem) -> bytes:
+    """The raw bytes of one input (used inside decode workers)."""
+    with open(item.path, "rb") as f:
+        if item.offset >= 0:
+            f.seek(item.offset)
+            return f.read(item.size)
+        return f.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet-style folder
+# ----------------------------------------------------------------------------------------------
+
+
+def load_class_index(path: str) -> dict:
+    """Class-index file -> {folder name: index}.
+
+    Accepted: JSON ``{"n01440764": 0, ...}`` or ``["n01440764", ...]``; or text with one class per
+    line whose first word is the folder name (index = line number), e.g. LOC_synset_mapping.txt.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"class-index file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+        if isinstance(data, list):
+            return {str(name): i for i, name in enumerate(data)}
+        if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+            return {str(k): int(v) for k, v in data.items()}
+        raise InputError(f"class-index file {path!r}: expected a JSON list of names or a "
+                         "{name: index} mapping")
+    names = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return {name: i for i, name in enumerate(names)}
+
+
+def list_folder(root: str, class_index_file: str = "") -> SourceListing:
+    """ImageNet-style ``root/<class>/**/<file>``; class index = sorted folder order (ImageFolder).
+
+    Every regular file is listed (not only image extensions): a non-image file is bad input that
+    must be reported, not silently ignored. Hidden files (``.*``) are ignored.
+    """
+    if not os.path.isdir(root):
+        raise InputError(f"input folder {root!r} does not exist or is not a folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise InputError(f"input folder {root!r} has no class sub-folders (expected {root}/<class>/<images>)")
+    index = {c: i for i, c in enumerate(classes)}
+    if class_index_file:
+        index = load_class_index(class_index_file)
+        missing = [c for c in classes if c not in index]
+        if missing:
+            raise InputError(f"class-index file {class_index_file!r} has no entry for folder(s) "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''} of {root!r}")
+    items, empty = [], []
+    for cls in classes:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+        if not files:
+            empty.append(cls)
+        for p in sorted(files):
+            items.append(InputItem(src=os.path.relpath(p, root).replace(os.sep, "/"), label=index[cls], path=p))
+    if class_index_file:  # classes in index order, for the manifest
+        classes = [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
+    return SourceListing("folder", root, items, classes, empty, class_index_file)
+
+
+# ----------------------------------------------------------------------------------------------
+# WebDataset image shards (jpg/png + cls)
+# ----------------------------------------------------------------------------------------------
+
+
+def _expand_shards(spec: str) -> list:
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        import braceexpand
+
+        paths = [p for pat in braceexpand.braceexpand(spec) for p in sorted(glob.glob(pat))]
+    if not paths:
+        raise InputError(f"no .tar shards found at {spec!r} (a folder of .tar files or a brace pattern)")
+    return paths
+
+
+def _split_key(name: str) -> tuple:
+    """WebDataset convention: key = path up to the first dot of the basename; ext = the rest."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def list_wds(spec: str) -> SourceListing:
+    """Scan tar headers (data is skipped with seeks) and group members into samples."""
+    items = []
+    for path in _expand_shards(spec):
+        name = os.path.basename(path)
+        try:
+            with tarfile.open(path, mode="r:") as tf:
+                groups: dict = {}
+                order = []
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_key(m.name)
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    groups[key][ext] = m
+                for key in order:
+                    g = groups[key]
+                    items.append(_wds_item(tf, path, f"{name}:{key}", g))
+        except (tarfile.TarError, OSError) as e:
+            raise InputError(f"input shard {path!r} is not a readable tar file: {e}") from None
+    return SourceListing("wds", spec, items, classes=[])
+
+
+def _wds_item(tf: tarfile.TarFile, path: str, src: str, members: dict) -> InputItem:
+    img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    label, problem = -1, ""
+    if "cls" not in members:
+        problem = "no cls member"
+    else:
+        try:
+            label = int(tf.extractfile(members["cls"]).read().decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            problem = "cls member is not an integer"
+    if img is None:
+        problem = problem or f"no image member (expected one of {', '.join(IMAGE_EXTS)})"
+        return InputItem(src, label, path, problem=problem)
+    return InputItem(src, label, path, offset=img.offset_data, size=img.size, problem=problem)
+
+
+def list_source(path: str, class_index_file: str = "", kind: Optional[str] = None) -> SourceListing:
+    """Folder -> ImageNet-style folder, unless it only holds .tar files; else a shard pattern."""
+    if kind is None:
+        if os.path.isdir(path):
+            has_dirs = any(e.is_dir() for e in os.scandir(path))
+            kind = "folder" if has_dirs or not glob.glob(os.path.join(path, "*.tar")) else "wds"
+        elif os.path.exists(path) or "{" in path or "*" in path:
+            kind = "wds"
+        else:
+            raise InputError(f"input {path!r} does not exist (expected an ImageNet-style folder, "
+                             "a folder of .tar shards or a brace pattern of .tar files)")
+    if kind == "folder":
+        return list_folder(path, class_index_file)
+    if class_index_file:
+        raise InputError("--class-index applies to folder inputs only (WebDataset shards carry 'cls')")
+    return list_wds(path)

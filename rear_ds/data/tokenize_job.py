@@ -1,0 +1,533 @@
+"""The pre-tokenization job: images -> token shards, split over ranks, resumable, audited.
+
+Work plan (identical for every rank and every rerun):
+  1. list the inputs (sorted) and permute them with ``--shuffle-seed`` so every shard holds a random
+     mix of classes (the training reader only shuffles within a buffer);
+  2. cut the permuted list into shards of ``images_per_shard`` images: shard j = images
+     [j*S, (j+1)*S) of the permuted list; image i's samples have key ``<i>_<view>``;
+  3. rank r does shards j with j % world_size == r.
+Each shard is written to ``.tmp`` then renamed, and its entry (samples, bytes, sha256, class counts,
+skipped inputs) goes into the rank's own ``_parts/rank-R-of-W.json``. A rerun skips shards whose file
+matches an entry's sha256 and redoes the rest, so kill + rerun == uninterrupted, byte for byte.
+``--finalize`` checks every shard of every rank and writes ``manifest.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from rear_ds.config import ConfigError, TokenizerConfig
+from . import shards as S
+from .preprocess import TEN_CROP_RATIO, VIEW_MODES, load_image, make_views, to_float_batch
+from .sources import InputError, InputItem, list_source, read_bytes
+
+KILL_ENV = "REAR_DS_TOKENIZE_KILL_AFTER_SHARDS"  # test hook: die mid-shard after k committed shards
+
+
+class JobError(RuntimeError):
+    """A problem found before any work starts (bad paths, tokenizer, incompatible output folder)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: rank, tokenizer, settings
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_rank(rank: Optional[int], world_size: Optional[int], env=os.environ) -> tuple:
+    """--rank/--world-size, else Slurm array (ID - MIN, COUNT), else Slurm tasks (PROCID, NTASKS), else 0/1."""
+    if rank is not None or world_size is not None:
+        r, w = rank or 0, world_size or 1
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        r = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        w = int(env["SLURM_ARRAY_TASK_COUNT"])
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        r, w = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    else:
+        r, w = 0, 1
+    if not (w >= 1 and 0 <= r < w):
+        raise JobError(f"rank {r} is outside world size {w} (from --rank/--world-size or Slurm variables)")
+    return r, w
+
+
+def tokenizer_config(config_path: str = "", weights: str = "", image_size: int = 0) -> TokenizerConfig:
+    """The ``tokenizer:`` section of a YAML config (other sections ignored), then the flag overrides."""
+    cfg = TokenizerConfig()
+    if config_path:
+        if not os.path.isfile(config_path):
+            raise JobError(f"--config {config_path!r} does not exist")
+        with open(config_path) as f:
+            section = (yaml.safe_load(f) or {}).get("tokenizer", {}) or {}
+        names = {f.name for f in dataclasses.fields(TokenizerConfig)}
+        for key, value in section.items():
+            if key not in names:
+                raise JobError(f"{config_path}: unknown key tokenizer.{key} (known: {', '.join(sorted(names))})")
+            setattr(cfg, key, value)
+    if weights:
+        cfg.weights = weights
+    if image_size:
+        cfg.image_size = image_size
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise JobError(f"tokenizer config: {e}") from None
+    return cfg
+
+
+def load_tokenizer(cfg: TokenizerConfig, device: str):
+    from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
+    from rear_ds.models.weights import WeightsError
+
+    try:
+        tok = build_tokenizer(cfg, load_weights=True, device=device)
+    except (WeightsError, ValueError, OSError) as e:
+        raise JobError(f"cannot load the tokenizer: {e}") from None
+    return tok, tokenizer_weights_sha256(cfg.weights)
+
+
+def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_size: int, bf16: bool) -> dict:
+    """Everything that determines the token values; an output folder must agree on all of it."""
+    tcfg = dataclasses.asdict(cfg)
+    tcfg.pop("weights")  # the path may differ between machines; the sha256 identifies the weights
+    return {
+        "format": S.FORMAT,
+        "tokenizer": {"name": cfg.name, "codebook_size": int(tok.codebook_size), "grid": list(tok.grid),
+                      "embed_dim": int(tok.embed_dim), "weights_sha256": weights_sha, "config": tcfg},
+        "preprocessing": {"crop": "adm_center_crop", "image_size": cfg.image_size, "views": views,
+                          "view_names": VIEW_MODES[views], "ten_crop_ratio": TEN_CROP_RATIO,
+                          "rgb": "PIL convert('RGB')", "min_size": min_size, "value_range": [0, 1],
+                          "encode_dtype": "bf16" if bf16 else "fp32"},
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: folder has {x!r}, this run has {y!r}")
+    return out
+
+
+def read_parts(out: str) -> list:
+    parts = []
+    for p in sorted(glob.glob(os.path.join(out, S.PARTS_DIR, "rank-*.json"))):
+        with open(p) as f:
+            parts.append((p, json.load(f)))
+    return parts
+
+
+def check_output_folder(out: str, settings: dict, plan: Optional[dict]) -> None:
+    """Refuse a folder whose existing shards come from another tokenizer/preprocessing/input plan."""
+    records = [(p, d) for p, d in read_parts(out)]
+    if os.path.isfile(os.path.join(out, S.MANIFEST)):
+        with open(os.path.join(out, S.MANIFEST)) as f:
+            records.append((os.path.join(out, S.MANIFEST), json.load(f)))
+    if not records and glob.glob(os.path.join(out, "shard-*.tar")):
+        raise JobError(f"output folder {out!r} holds shard-*.tar files but no {S.PARTS_DIR}/ or {S.MANIFEST}: "
+                       "they are of unknown origin; use an empty folder")
+    for path, rec in records:
+        diffs = _diff({k: rec.get(k) for k in settings}, settings)
+        if plan is not None and "plan" in rec:
+            diffs += _diff({"plan": rec["plan"]}, {"plan": plan})
+        elif plan is not None and "shard_plan" in rec:  # the manifest spreads the plan over its keys
+            have = {k: rec["shard_plan"].get(k, rec.get(k)) for k in plan}
+            diffs += _diff({"plan": have}, {"plan": plan})
+        if diffs:
+            raise JobError(f"output folder {out!r} holds shards made with other settings ({path}):\n  "
+                           + "\n  ".join(diffs[:10]) + "\nuse another --out folder (or delete that one)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Work
+# ----------------------------------------------------------------------------------------------
+
+
+class _DecodeSet(torch.utils.data.Dataset):
+    """Decode workers: item -> (position, uint8 views (V,H,W,3) or None, skip reason)."""
+
+    def __init__(self, items: list, size: int, views: str, min_size: int):
+        self.items, self.size, self.views, self.min_size = items, size, views, min_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item: InputItem = self.items[i]
+        if item.problem:
+            return i, None, item.problem
+        try:
+            data = read_bytes(item)
+        except OSError as e:
+            return i, None, f"unreadable: {e}"
+        try:
+            return i, make_views(load_image(data, self.min_size), self.size, self.views), ""
+        except ValueError as e:
+            return i, None, str(e)
+        except Exception as e:  # any decoder crash is bad input, never a stopped run
+            return i, None, f"corrupt image: {type(e).__name__}: {e}"
+
+
+def _collate(batch):
+    return batch
+
+
+class _ShardBuilder:
+    """Accumulates decoded images of one shard, encodes in batches, writes the tar."""
+
+    def __init__(self, job: "TokenizeJob", index: int, images: list):
+        self.job, self.index, self.images = job, index, images  # images: [(global_idx, item)]
+        self.writer = S.ShardWriter(os.path.join(job.out, S.shard_name(index)))
+        self.pending: list = []  # (global_idx, view, src, cls, uint8 array)
+        self.skipped: list = []
+        self.class_counts: dict = {}
+        self.received = 0
+
+    def add(self, global_idx: int, item: InputItem, views, reason: str) -> None:
+        self.received += 1
+        if views is None:
+            self.skipped.append({"src": item.src, "reason": reason})
+        else:
+            for v in range(views.shape[0]):
+                self.pending.append((global_idx, v, item.src, item.label, views[v]))
+            self.class_counts[str(item.label)] = self.class_counts.get(str(item.label), 0) + views.shape[0]  # samples
+        while len(self.pending) >= self.job.batch_size:
+            self.flush(self.job.batch_size)
+
+    def flush(self, n: Optional[int] = None) -> None:
+        batch, self.pending = self.pending[:n], self.pending[n:] if n else []
+        if not batch:
+            return
+        tokens = self.job.encode(np.stack([b[4] for b in batch]))
+        for (gi, v, src, cls, _), t in zip(batch, tokens):
+            self.writer.add(S.sample_key(gi, v), t, cls, v, src)
+            self.job.maybe_die(self.writer)
+
+    def done(self) -> bool:
+        return self.received == len(self.images)
+
+    def commit(self) -> dict:
+        self.flush()
+        entry = self.writer.commit()
+        written = len(self.images) - len(self.skipped)
+        entry.update(images_seen=len(self.images), images_written=written, images_skipped=len(self.skipped),
+                     skipped=self.skipped, class_counts=self.class_counts)
+        return entry
+
+
+class TokenizeJob:
+    def __init__(self, args, out: str, tok, device: str, settings: dict, plan: dict, items: list,
+                 rank: int, world: int):
+        self.args, self.out, self.tok, self.device = args, out, tok, device
+        self.settings, self.plan, self.items, self.rank, self.world = settings, plan, items, rank, world
+        self.batch_size = args.batch_size
+        self.part_path = os.path.join(out, S.PARTS_DIR, f"rank-{rank:05d}-of-{world:05d}.json")
+        self.entries: dict = {}
+        self.committed_here = 0
+        self._kill_after = int(os.environ.get(KILL_ENV, "-1"))
+
+    @torch.no_grad()
+    def encode(self, views: np.ndarray) -> np.ndarray:
+        x = to_float_batch(views).to(self.device)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            ids = self.tok.encode(x)
+        ids = ids.cpu().numpy()
+        if ids.min() < 0 or ids.max() >= min(self.tok.codebook_size, 65536):
+            raise RuntimeError(f"tokenizer returned ids outside [0, {self.tok.codebook_size})")
+        return ids.astype(np.uint16)
+
+    def maybe_die(self, writer: S.ShardWriter) -> None:
+        """Fault-injection hook for tests: a hard exit in the middle of a shard (tmp file left)."""
+        if 0 <= self._kill_after <= self.committed_here and writer.samples >= 1:
+            sys.stderr.write(f"{KILL_ENV}: exiting hard mid-shard\n")
+            sys.stderr.flush()
+            os._exit(137)
+
+    def save_part(self) -> None:
+        S.write_json_atomic(self.part_path, {**self.settings, "plan": self.plan, "rank": self.rank,
+                                             "world_size": self.world, "shards": self.entries})
+
+    def my_shards(self) -> list:
+        return list(range(self.rank, self.plan["num_shards"], self.world))
+
+    def reuse_complete(self, mine: list) -> list:
+        """Keep shards whose file matches an existing entry (any rank's part file); return the rest."""
+        known = {}
+        for _, part in read_parts(self.out):
+            known.update(part.get("shards", {}))
+        todo = []
+        for j in mine:
+            name = S.shard_name(j)
+            e, path = known.get(name), os.path.join(self.out, name)
+            if e and os.path.isfile(path) and os.path.getsize(path) == e["bytes"] and S.sha256_file(path) == e["sha256"]:
+                self.entries[name] = e
+            else:
+                todo.append(j)
+        for tmp in glob.glob(os.path.join(self.out, "shard-*.tar.tmp")):  # partial shards of killed runs
+            if int(os.path.basename(tmp)[6:12]) in todo:
+                os.remove(tmp)
+        return todo
+
+    def run(self) -> dict:
+        os.makedirs(os.path.join(self.out, S.PARTS_DIR), exist_ok=True)
+        todo = self.reuse_complete(self.my_shards())
+        self.save_part()
+        ips = self.plan["images_per_shard"]
+        work = [(j, [(i, self.items[i]) for i in range(j * ips, min((j + 1) * ips, len(self.items)))]) for j in todo]
+        flat = [(j, gi, it) for j, imgs in work for gi, it in imgs]
+        reused = len(self.my_shards()) - len(todo)
+        print(f"rank {self.rank}/{self.world}: {len(self.my_shards())} shards ({reused} already complete), "
+              f"{len(flat)} images to tokenize on {self.device}", file=sys.stderr)
+        self._process(work, flat)
+        return self.summary()
+
+    def _process(self, work: list, flat: list) -> None:
+        from tqdm import tqdm
+
+        a = self.args
+        ds = _DecodeSet([it for _, _, it in flat], self.settings["preprocessing"]["image_size"], a.views, a.min_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=a.workers, collate_fn=_collate,
+                                             prefetch_factor=4 if a.workers else None)
+        shard_iter = iter(work)
+        builder = None
+        bar = tqdm(total=len(flat), unit="img", desc=f"rank {self.rank}", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        try:
+            for chunk in loader:
+                for pos, views, reason in chunk:
+                    j, gi, item = flat[pos]
+                    if builder is None:
+                        jj, imgs = next(shard_iter)
+                        builder = _ShardBuilder(self, jj, imgs)
+                    assert builder.index == j
+                    builder.add(gi, item, views, reason)
+                    bar.update(1)
+                    if builder.done():
+                        self._commit(builder)
+                        builder = None
+            for jj, imgs in shard_iter:  # shards with no images cannot exist, but be safe
+                self._commit(_ShardBuilder(self, jj, imgs))
+        except BaseException:
+            if builder is not None:
+                builder.writer.abort()
+            raise
+        finally:
+            bar.close()
+
+    def _commit(self, builder: _ShardBuilder) -> None:
+        entry = builder.commit()
+        self.entries[entry["name"]] = entry
+        self.save_part()
+        self.committed_here += 1
+
+    def summary(self) -> dict:
+        acc = accounting(self.entries.values())
+        print(f"rank {self.rank}: images seen = written + skipped: {acc['images_seen']} = "
+              f"{acc['images_written']} + {acc['images_skipped']} ({acc['samples_written']} samples in "
+              f"{len(self.entries)} shards)", file=sys.stderr)
+        return acc
+
+
+def accounting(entries) -> dict:
+    entries = list(entries)
+    acc = {k: sum(e[k] for e in entries) for k in ("images_seen", "images_written", "images_skipped")}
+    acc["samples_written"] = sum(e["samples"] for e in entries)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Finalize
+# ----------------------------------------------------------------------------------------------
+
+
+def finalize(out: str, verify_hashes: bool = True) -> dict:
+    """Check that every shard of the plan is present and matches its entry; write manifest.json."""
+    parts = read_parts(out)
+    if not parts:
+        raise JobError(f"nothing to finalize in {out!r}: no {S.PARTS_DIR}/rank-*.json (run the ranks first)")
+    first_path, first = parts[0]
+    keys = ("format", "tokenizer", "preprocessing", "plan")
+    for p, d in parts[1:]:
+        diffs = _diff({k: d.get(k) for k in keys}, {k: first.get(k) for k in keys})
+        if diffs:
+            raise JobError(f"{p} and {first_path} disagree:\n  " + "\n  ".join(diffs[:10]))
+    entries = {}
+    for _, d in parts:
+        entries.update(d.get("shards", {}))
+    plan = first["plan"]
+    world = first["world_size"]
+    problems, shards = [], []
+    for j in range(plan["num_shards"]):
+        name, path = S.shard_name(j), os.path.join(out, S.shard_name(j))
+        e = entries.get(name)
+        if e is None:
+            problems.append(f"{name}: not done (rank {j % world} of {world})")
+        elif not os.path.isfile(path) or os.path.getsize(path) != e["bytes"]:
+            problems.append(f"{name}: file missing or of the wrong size (rerun rank {j % world} of {world})")
+        elif verify_hashes and S.sha256_file(path) != e["sha256"]:
+            problems.append(f"{name}: sha256 differs from its entry (rerun rank {j % world} of {world})")
+        else:
+            shards.append(e)
+    if problems:
+        raise JobError(f"cannot finalize {out!r}: {len(problems)} of {plan['num_shards']} shards are not "
+                       "complete:\n  " + "\n  ".join(problems[:20]))
+    acc = accounting(shards)
+    if acc["images_seen"] != plan["source"]["num_inputs"] or acc["images_seen"] != acc["images_written"] + acc["images_skipped"]:
+        raise JobError(f"accounting does not add up in {out!r}: {acc} vs {plan['source']['num_inputs']} inputs")
+    hist: dict = {}
+    skipped = []
+    for e in shards:
+        S.merge_counts(hist, e["class_counts"])
+        skipped += e["skipped"]
+    tok = first["tokenizer"]
+    manifest = {
+        "format": S.FORMAT, "tokenizer": tok, "preprocessing": first["preprocessing"],
+        "codebook_size": tok["codebook_size"], "grid": tok["grid"], "num_tokens": tok["grid"][0] * tok["grid"][1],
+        "dtype": "uint16", "source": plan["source"], "classes": plan.get("classes", []),
+        "shard_plan": {k: plan[k] for k in ("images_per_shard", "num_shards", "shuffle_seed")},
+        "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "images_written")} for e in shards],
+        "num_samples": acc["samples_written"], "class_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "accounting": acc, "skipped": skipped, "empty_class_folders": plan.get("empty_class_folders", []),
+    }
+    S.write_json_atomic(os.path.join(out, S.MANIFEST), manifest)
+    print(f"finalized {out}: {plan['num_shards']} shards, {acc['samples_written']} samples; images seen = "
+          f"written + skipped: {acc['images_seen']} = {acc['images_written']} + {acc['images_skipped']}",
+          file=sys.stderr)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return f"cuda:{local % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def run(args) -> dict:
+    """Run one rank (or --finalize). All checks that can fail happen before any image is decoded."""
+    if args.finalize:
+        return finalize(args.out)
+    if not args.input:
+        raise JobError("--input is required (an ImageNet-style folder or WebDataset image shards)")
+    if args.views not in VIEW_MODES:
+        raise JobError(f"--views {args.views!r}: expected one of {sorted(VIEW_MODES)}")
+    rank, world = resolve_rank(args.rank, args.world_size)
+    cfg = tokenizer_config(args.config, args.tokenizer_weights, args.image_size)
+    device = pick_device(args.device)
+    tok, sha = load_tokenizer(cfg, device)
+    if tok.codebook_size > 65536:
+        raise JobError(f"codebook_size={tok.codebook_size} does not fit the uint16 shard format")
+    settings = job_settings(cfg, tok, sha, args.views, args.min_size, args.bf16)
+    os.makedirs(args.out, exist_ok=True)
+    check_output_folder(args.out, settings, plan=None)
+    try:
+        listing = list_source(args.input, args.class_index)
+    except InputError as e:
+        raise JobError(str(e)) from None
+    if not listing.items:
+        raise JobError(f"input {args.input!r} holds no files to tokenize")
+    items = listing.items
+    if args.shuffle_seed >= 0:
+        perm = np.random.default_rng(args.shuffle_seed).permutation(len(items))
+        items = [items[i] for i in perm]
+    nviews = len(VIEW_MODES[args.views])
+    ips = args.images_per_shard or max(1, int(args.shard_size_mb * 2**20 // (S.sample_bytes(tok.grid) * nviews)))
+    plan = {"images_per_shard": ips, "num_shards": -(-len(items) // ips), "shuffle_seed": args.shuffle_seed,
+            "source": listing.describe(), "classes": listing.classes, "empty_class_folders": listing.empty_classes}
+    check_output_folder(args.out, settings, plan)
+    for cls in listing.empty_classes:
+        print(f"warning: empty class folder {cls!r} (kept in the class index, listed in the manifest)", file=sys.stderr)
+    if plan["num_shards"] < world:
+        print(f"warning: only {plan['num_shards']} shards for {world} ranks; ranks >= {plan['num_shards']} have "
+              "no work (lower --images-per-shard)", file=sys.stderr)
+    job = TokenizeJob(args, args.out, tok, device, settings, plan, items, rank, world)
+    return job.run()
+
+
+HELP = """\
+Pre-tokenize images into WebDataset token shards for rear_ds training (method spec 7.3).
+
+Inputs (--input): an ImageNet-style folder (root/<class>/<images>, class index = sorted folder order,
+the standard ImageNet index; --class-index FILE overrides it), or WebDataset image shards (a folder
+of .tar files or a brace pattern, samples with jpg/png + cls).
+
+Tokenizer: --config CFG.yaml uses that file's `tokenizer:` section (name, weights, image_size and the
+architecture knobs; other sections are ignored); without it the MaskGIT-VQGAN f16 256px defaults are
+used. --tokenizer-weights and --image-size override the file. The weights file is required.
+
+Preprocessing (as the reference): ADM center crop to the tokenizer's image_size, then --views:
+  center        1 sample per image
+  center+flip   2 samples: the crop and its horizontal mirror (default)
+  ten-crop      10 samples: ADM crop to int(1.1*size), 4 corners + centre and their mirrors
+                (torchvision TenCrop order; what RAR's published JSONL uses)
+
+Output (--out): shard-NNNNNN.tar (one sample per view: <key>.tokens.npy uint16 grid, .cls, .view, .src),
+per-rank records in _parts/, and after --finalize a manifest.json (tokenizer, preprocessing, shards
+with sample counts and sha256, class histogram, every skipped input with its reason, accounting).
+
+Scale-out: rank/world size come from --rank/--world-size, else SLURM_ARRAY_TASK_ID/COUNT, else
+SLURM_PROCID/NTASKS. Every rank runs the same command; then run once with --finalize --out DIR.
+Reruns skip shards that are complete (sha256 checked) and redo missing or partial ones; the result
+is byte-identical to an uninterrupted run. Bad inputs are skipped and listed, never fatal.
+
+Example:
+  python data_prep/tokenize.py --input /data/imagenet/train --out /data/tok/maskgit_cf \\
+      --config configs/rear_l.yaml --tokenizer-weights ckpt/maskgitvq.bin --world-size 8 --rank 0
+  python data_prep/tokenize.py --finalize --out /data/tok/maskgit_cf
+"""
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="data_prep/tokenize.py", description=HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default="", help="ImageNet-style folder, folder of .tar image shards, or brace pattern")
+    p.add_argument("--out", required=True, help="output folder for shards and manifest")
+    p.add_argument("--class-index", default="", help="JSON list/mapping or text file (first word per line = "
+                   "folder name, index = line number) overriding the sorted folder order")
+    p.add_argument("--config", default="", help="YAML config whose `tokenizer:` section is used")
+    p.add_argument("--tokenizer-weights", default="", help="tokenizer weights (.bin/.pt state dict or .safetensors)")
+    p.add_argument("--image-size", type=int, default=0, help="override tokenizer.image_size (= crop size)")
+    p.add_argument("--views", default="center+flip", choices=sorted(VIEW_MODES), help="views per image (default center+flip)")
+    p.add_argument("--min-size", type=int, default=0, help="skip (and list) images whose short side is smaller; "
+                   "0 = off (default: small images are upsampled by the ADM crop, as in the reference)")
+    p.add_argument("--images-per-shard", type=int, default=0, help="images per shard (overrides --shard-size-mb)")
+    p.add_argument("--shard-size-mb", type=float, default=1024.0, help="target shard size in MiB (default 1024)")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the input permutation before sharding "
+                   "(-1 = keep sorted order); shards then hold a random mix of classes")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: Slurm variables, else 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: Slurm variables, else 1)")
+    p.add_argument("--workers", type=int, default=4, help="parallel decode worker processes (0 = in-process)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per tokenizer forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (recorded; changes some tokens)")
+    p.add_argument("--finalize", action="store_true", help="check all ranks' shards and write manifest.json "
+                   "(needs only --out)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (JobError, S.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
