@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# slurm/sample.sh - generate samples as an array job: each array task makes its share of the chunks.
+#
+#   sbatch --array=0-7 slurm/sample.sh --checkpoint runs/x/checkpoints/latest --config configs/rear_b.yaml \
+#          --out-dir runs/x/samples --num-samples 50000 --chunk-size 1000
+#   (or through slurm/submit_chain.sh ... sample: ARGS...)
+#
+# Every argument goes to `python -m rear_ds.sample` unchanged, plus the array position:
+#   python -m rear_ds.sample ARGS... --rank $SLURM_ARRAY_TASK_ID --world-size $SLURM_ARRAY_TASK_COUNT
+# The tool splits the --num-samples into chunks of --chunk-size and task i makes chunks i, i+n, i+2n, ...;
+# per-sample randomness depends only on (seed, sample index), so the result does not depend on the array
+# size, and a requeued or re-run task redoes only its own missing chunks. Not an array job: rank 0 of 1.
+# No --array below: choose the size at submit time (sbatch --array=0-N, or SAMPLE_TASKS in submit_chain.sh).
+#
+# Variables (defaults in brackets); also those of slurm/common.sh (REPO_DIR, MODULES, VENV, PRE_RUN, PYTHON):
+#   SAMPLE_MODULE          Python module to run                                     [rear_ds.sample]
+#   RANK_FLAG / WORLD_FLAG flag names that pass the array position        [--rank / --world-size]
+#   DRY_RUN                1 = print the command instead of running it                        [0]
+# sbatch defaults: override on the command line or with SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT...
+
+#SBATCH --job-name=rear-sample
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%A_%a.out
+#SBATCH --error=slurm-%x-%A_%a.err
+
+set -euo pipefail
+
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO_DIR" || { echo "sample.sh: REPO_DIR=$REPO_DIR does not exist" >&2; exit 2; }
+REAR_SCRIPT=sample.sh
+# shellcheck source=slurm/common.sh
+source slurm/common.sh
+
+SAMPLE_MODULE=${SAMPLE_MODULE:-rear_ds.sample}
+[ -f "${SAMPLE_MODULE//.//}.py" ] || rear_die "${SAMPLE_MODULE//.//}.py not found in $REPO_DIR (submit from the repo root or set REPO_DIR)"
+rear_setup_env
+# Rank within the array even when it does not start at 0 (--array=8-15).
+ARRAY_RANK=$(( ${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0} ))
+rear_exec "$PYTHON" -m "$SAMPLE_MODULE" "$@" \
+    "${RANK_FLAG:---rank}" "$ARRAY_RANK" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# slurm/train.sh - train reAR with DeepSpeed on any number of Slurm nodes; preemption-safe.
+#
+#   sbatch [sbatch flags] slurm/train.sh [--config configs/x.yaml] [--deepspeed_config ds_configs/y.json]
+#                                        [--dry-run] [section.key=value ...]
+#   DRY_RUN=1 bash slurm/train.sh ...      # print the resolved plan outside (or inside) a job, start nothing
+#
+# Submit from the repository root (Slurm runs a copy of this file, so the repo is found through
+# $SLURM_SUBMIT_DIR), or set REPO_DIR. Every argument that is not one of the options above is passed
+# to rear_ds/train.py unchanged (k=v config overrides). Examples:
+#   sbatch --nodes=4 slurm/train.sh --config configs/rear_b.yaml train.max_steps=250000
+#   sbatch -p gpu -A myproj --time=2-00:00:00 slurm/train.sh --config configs/rear_l.yaml
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/train.sh --config ...   # CPU only
+# --time must be well above the 600 s warning (--signal=B:USR1@600), or the job is told to stop at once.
+#
+# Launch model: `srun` starts ONE PROCESS PER GPU (no torchrun/deepspeed launcher, no ssh, no hostfile).
+# Each process gets RANK=$SLURM_PROCID, LOCAL_RANK=$SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
+# MASTER_ADDR (first node of the allocation) and MASTER_PORT (derived from the job id, so two jobs that
+# share a node do not collide); DeepSpeed's init_distributed reads those. Every process sees all GPUs of
+# its node and picks cuda:LOCAL_RANK. Why not one torchrun per node: srun then owns every rank, so Slurm's
+# signals, --kill-on-bad-exit semantics and per-rank accounting apply to the real training processes.
+#
+# Preemption / time limit: Slurm sends SIGUSR1 to this batch shell (--signal=B:USR1@600, ten minutes before
+# the time limit); the shell forwards it to the srun step; training writes a checkpoint and exits 75; the
+# shell then runs `scontrol requeue $SLURM_JOB_ID`. The requeued job keeps its job id, so the output/error
+# files (opened in append mode), the run folder (runs/slurm-<job id>) and the W&B id stored in it are the
+# same, and training resumes from <run dir>/checkpoints/latest by itself. On SIGTERM (scancel, preemption,
+# `scontrol requeue` from outside) Slurm signals the training processes itself; this shell waits for them
+# and does not requeue (Slurm decides). KillWait on the cluster must leave time to write a checkpoint.
+#
+# #SBATCH defaults below; override any of them on the sbatch command line (--nodes=4, --time=..) or with
+# Slurm's own input variables, which is how partition/account are chosen (never hard-coded here):
+#   SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, SBATCH_CONSTRAINT
+#   (or -p/--partition, -A/--account, ...). Precedence: command line > SBATCH_* variables > #SBATCH lines.
+#
+# Variables read at run time (sbatch exports the submitting shell's environment; defaults in brackets):
+#   CONFIG           model/training YAML if --config is not given                   [required]
+#   DS_CONFIG        DeepSpeed JSON if --deepspeed_config is not given        [ds_configs/zero2_bf16.json]
+#   RUN_DIR          run folder, passed as train.out_dir; keep it stable across requeues
+#                    [runs/slurm-$SLURM_JOB_ID]; a train.out_dir=... argument wins over it
+#   REPO_DIR         repository root                     [$SLURM_SUBMIT_DIR; outside a job: this file's ..]
+#   GPUS_PER_NODE    processes per node in GPU mode  [$SLURM_GPUS_ON_NODE, else --gpus-per-node, else 0]
+#                    0 = CPU mode: NTASKS_PER_NODE processes per node (gloo backend, for tests/debugging)
+#   NTASKS_PER_NODE  processes per node in CPU mode   [$SLURM_NTASKS_PER_NODE, else ntasks/nodes, else 1]
+#   MODULES          space-separated environment modules to `module load` first   [none]
+#   VENV             virtualenv/conda-prefix folder whose bin/activate is sourced  [none]
+#   PRE_RUN          shell code eval'ed just before launching (e.g. "conda activate rear") [none]
+#   PYTHON           Python interpreter                                           [python]
+#   TRAIN_SCRIPT     training entry point, relative to REPO_DIR                   [rear_ds/train.py]
+#   MASTER_PORT      rendezvous port                          [20000 + SLURM_JOB_ID % 20000]
+#   OMP_NUM_THREADS  threads per process                          [$SLURM_CPUS_PER_TASK, else 1]
+#   STEP_EXIT_WAIT   seconds srun lets the other ranks run after the first one exits, then kills
+#                    them (a crashed rank must not leave the others hanging)     [300]
+#   MAX_REQUEUES     stop requeueing after this many restarts (guards against a loop) [50]
+#   DRY_RUN          1 = print nodes, world size, per-GPU batch and the exact command; start nothing [0]
+#
+# Exit status: the training step's (0 done, 75 checkpointed and stopped, 1 error); 0 after a self-requeue;
+# 2 for a bad setup found before launching (missing config, tasks/GPUs mismatch, ...).
+
+#SBATCH --job-name=rear-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --error=slurm-%x-%j.err
+
+set -euo pipefail
+
+log() { echo "[train.sh $(date '+%F %T')] $*" >&2; }
+die() { echo "[train.sh] ERROR: $*" >&2; exit 2; }
+
+# ---------------------------------------------------------------- arguments
+CONFIG=${CONFIG:-}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_bf16.json}
+DRY_RUN=${DRY_RUN:-0}
+OVERRIDES=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --config) [ $# -ge 2 ] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
+        --config=*) CONFIG=${1#*=}; shift ;;
+        --deepspeed_config | --deepspeed-config) [ $# -ge 2 ] || die "$1 needs a value"; DS_CONFIG=$2; shift 2 ;;
+        --deepspeed_config=* | --deepspeed-config=*) DS_CONFIG=${1#*=}; shift ;;
+        --dry-run | --dry_run) DRY_RUN=1; shift ;;
+        *) OVERRIDES+=("$1"); shift ;;
+    esac
+done
+
+# ---------------------------------------------------------------- repository and run folder
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+else
+    REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+fi
+cd "$REPO_DIR" || die "REPO_DIR=$REPO_DIR does not exist"
+PYTHON=${PYTHON:-python}
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-rear_ds/train.py}
+
+[ -n "$CONFIG" ] || die "no config: pass --config configs/<x>.yaml (or set CONFIG)"
+[ -f "$CONFIG" ] || die "config $CONFIG not found in $REPO_DIR (submit from the repo root or set REPO_DIR)"
+[ -f "$DS_CONFIG" ] || die "DeepSpeed config $DS_CONFIG not found in $REPO_DIR"
+[ -f "$TRAIN_SCRIPT" ] || [ "$DRY_RUN" = 1 ] || die "$TRAIN_SCRIPT not found in $REPO_DIR (set REPO_DIR)"
+
+# A train.out_dir override on the command line names the run folder; otherwise RUN_DIR does.
+USER_OUT_DIR=""
+for arg in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+    case "$arg" in train.out_dir=*) USER_OUT_DIR=${arg#train.out_dir=} ;; esac
+done
+if [ -n "$USER_OUT_DIR" ]; then
+    RUN_DIR=$USER_OUT_DIR
+else
+    RUN_DIR=${RUN_DIR:-runs/slurm-${SLURM_JOB_ID:-dryrun}}
+    OVERRIDES=("train.out_dir=$RUN_DIR" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+fi
+
+# ---------------------------------------------------------------- allocation -> world size
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    [ ${#NODES[@]} -gt 0 ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed nothing"
+else
+    NODES=("$(hostname -s)")   # dry run outside a job
+fi
+NNODES=${SLURM_NNODES:-${#NODES[@]}}
+[ "$NNODES" = "${#NODES[@]}" ] || die "SLURM_NNODES=$NNODES but the node list has ${#NODES[@]} nodes"
+MASTER_ADDR=${NODES[0]}
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+
+gpus_default=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+gpus_default=${gpus_default##*:}   # --gpus-per-node=a100:8 -> 8
+GPUS_PER_NODE=${GPUS_PER_NODE:-$gpus_default}
+[[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' is not a number"
+if [ "$GPUS_PER_NODE" -gt 0 ]; then
+    DEVICE=gpu
+    PER_NODE=$GPUS_PER_NODE
+    # One process per GPU: a different --ntasks-per-node would silently change the world size.
+    if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ "$SLURM_NTASKS_PER_NODE" != "$PER_NODE" ]; then
+        die "--ntasks-per-node=$SLURM_NTASKS_PER_NODE but $PER_NODE GPUs per node: make them equal" \
+            "(sbatch --ntasks-per-node=$PER_NODE, or set GPUS_PER_NODE)"
+    fi
+else
+    DEVICE=cpu
+    if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+        per_node_default=$SLURM_NTASKS_PER_NODE
+    elif [ -n "${SLURM_NTASKS:-}" ]; then
+        per_node_default=$((SLURM_NTASKS / NNODES))
+    else
+        per_node_default=1
+    fi
+    PER_NODE=${NTASKS_PER_NODE:-$per_node_default}
+fi
+WORLD_SIZE=$((NNODES * PER_NODE))
+if [ -n "${SLURM_NTASKS:-}" ] && [ "$WORLD_SIZE" -gt "$SLURM_NTASKS" ]; then
+    die "world size $WORLD_SIZE ($NNODES nodes x $PER_NODE) exceeds the job's $SLURM_NTASKS tasks"
+fi
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
+export MASTER_ADDR MASTER_PORT
+
+# Per-GPU batch from the resolved config (the same loader training uses), which also rejects a
+# broken config now instead of after every node has started.
+batch_info=$(PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$CONFIG" "$WORLD_SIZE" \
+    "${OVERRIDES[@]}" <<'EOF'
+import sys
+from rear_ds.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[3:])
+t, world = cfg.train, int(sys.argv[2])
+print(f"{t.micro_batch_size} (grad_accum {t.grad_accum}, global batch "
+      f"{t.micro_batch_size * t.grad_accum * world}, max_steps {t.max_steps})")
+EOF
+) || die "config $CONFIG with overrides ${OVERRIDES[*]} does not load (see above)"
+
+# ---------------------------------------------------------------- command
+# bash -c maps Slurm's per-task ids to the torch.distributed variables, then execs python so the
+# training process itself receives the signals srun forwards.
+SRUN=(srun --nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$PER_NODE"
+      --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=0 --wait="${STEP_EXIT_WAIT:-300}")
+# shellcheck disable=SC2016  # expanded by the task's shell, not here
+TASK=(bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank)
+TRAIN=("$PYTHON" "$TRAIN_SCRIPT" --deepspeed_config "$DS_CONFIG" --config "$CONFIG" "${OVERRIDES[@]}")
+
+cat <<EOF
+==== slurm/train.sh  job ${SLURM_JOB_ID:-none}  restart ${SLURM_RESTART_COUNT:-0}  $(date '+%F %T')
+nodes: $NNODES (${NODES[*]})
+master address: $MASTER_ADDR:$MASTER_PORT
+world size: $WORLD_SIZE ($NNODES nodes x $PER_NODE processes per node, $DEVICE)
+per-GPU batch: $batch_info
+cpus per task: $CPUS_PER_TASK (OMP_NUM_THREADS=$OMP_NUM_THREADS)
+run dir: $RUN_DIR
+repo: $REPO_DIR
+environment: modules='${MODULES:-}' venv='${VENV:-}' pre_run='${PRE_RUN:-}'
+command: $(printf '%q ' "${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}")
+EOF
+
+if [ "$DRY_RUN" = 1 ]; then
+    echo "dry run: nothing started"
+    exit 0
+fi
+[ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm job: submit with sbatch (or use DRY_RUN=1)"
+
+# ---------------------------------------------------------------- environment
+# Module and activate scripts often read unset variables: relax -u around them.
+set +u
+if [ -n "${MODULES:-}" ]; then
+    if ! type module >/dev/null 2>&1; then
+        for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
+            # shellcheck disable=SC1090
+            [ -f "$init" ] && { source "$init"; break; }
+        done
+    fi
+    # shellcheck disable=SC2086  # a list of module names
+    module load $MODULES
+fi
+if [ -n "${VENV:-}" ]; then
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate"
+fi
+if [ -n "${PRE_RUN:-}" ]; then eval "$PRE_RUN"; fi
+set -u
+
+# ---------------------------------------------------------------- run, forward signals, requeue
+GOT_USR1=0
+GOT_TERM=0
+SIGNALLED=0
+STEP_PID=""
+# shellcheck disable=SC2317  # trap handlers are reached through `trap`
+on_usr1() {
+    GOT_USR1=1
+    SIGNALLED=1
+    log "SIGUSR1 (time limit / preemption warning): asking training to checkpoint and stop"
+    # srun relays SIGUSR1 to every task of the step.
+    if [ -n "$STEP_PID" ]; then kill -USR1 "$STEP_PID" 2>/dev/null || true; fi
+}
+# shellcheck disable=SC2317
+on_term() {
+    GOT_TERM=1
+    SIGNALLED=1
+    # Slurm signals the step's processes itself; only wait for them to finish their checkpoint.
+    log "SIGTERM: job is being cancelled, preempted or requeued by Slurm; waiting for training"
+}
+trap on_usr1 USR1
+trap on_term TERM
+
+"${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}" &
+STEP_PID=$!
+while :; do
+    rc=0
+    wait "$STEP_PID" || rc=$?
+    # wait returns early (>128) when a trapped signal arrives: wait again for the real status.
+    if [ "$SIGNALLED" = 1 ] && [ "$rc" -gt 128 ]; then SIGNALLED=0; continue; fi
+    break
+done
+log "training step exited with $rc"
+
+if [ "$rc" = 75 ] && [ "$GOT_TERM" = 0 ]; then
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [ "$restarts" -ge "${MAX_REQUEUES:-50}" ]; then
+        log "checkpoint written, but this job was already requeued $restarts times (MAX_REQUEUES): not requeueing"
+        exit 75
+    fi
+    log "checkpoint written (exit 75$([ "$GOT_USR1" = 1 ] && echo ' after SIGUSR1')): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$rc"

@@ -1,0 +1,497 @@
+"""Slurm scripts: shellcheck, dry runs with a faked allocation, and jobs on a REAL single-node Slurm cluster.
+
+The cluster is installed, configured and started by tests/slurm_cluster.sh (Debian packages; needs root)
+in a session fixture and stopped afterwards if it was not running before. Jobs are submitted with the
+real `sbatch` from a temporary folder (so the slurm-*.out files land there) with REPO_DIR=<repo>.
+
+Two kinds of end-to-end tests:
+  * mechanism tests with small stand-in Python tools (always run): they prove the scripts themselves -
+    world size / ranks, signal forwarding, exit code 75 -> `scontrol requeue` -> resume, array ranks,
+    afterok ordering of the chain - independently of the training/eval code;
+  * the real entry points (rear_ds/train.py, data_prep/tokenize.py, rear_ds/sample.py, rear_ds/evaluate.py)
+    with configs/tiny.yaml; each skips with "entry point X not present yet" while X is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tests" / "slurm_cluster.sh"
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + [CLUSTER]
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=60"]  # test cluster: no GPUs, 4 CPUs; time > 600 s warning
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def _clean_env(**extra) -> dict:
+    """The test's environment without any SLURM_* variable (the suite may itself run inside a job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _can_install() -> str:
+    """'' if this machine can run the cluster script, else the reason to skip."""
+    if os.geteuid() != 0:
+        return "the Slurm cluster tests need root (apt-get, /etc/slurm, daemons)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "apt-get is not available to install Slurm"
+    return ""
+
+
+# --------------------------------------------------------------------------- shellcheck
+@pytest.fixture(scope="session")
+def shellcheck() -> str:
+    if not shutil.which("shellcheck"):
+        reason = _can_install()
+        if reason:
+            pytest.skip(f"shellcheck missing and cannot be installed: {reason}")
+        r = subprocess.run(["bash", str(CLUSTER), "install"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"installing shellcheck failed:\n{r.stderr}"
+    return shutil.which("shellcheck")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_shellcheck(shellcheck, script):
+    r = subprocess.run([shellcheck, "-x", str(script)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- dry runs, faked allocation
+FAKE_SCONTROL = r'''#!/usr/bin/env python3
+"""Fake `scontrol show hostnames LIST` for simple lists: gpu[001-004,007],cpu5"""
+import re, sys
+assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[3]):
+    m = re.fullmatch(r"(.*)\[(.*)\]", part)
+    if not m:
+        print(part); continue
+    for rng in m.group(2).split(","):
+        a, _, b = rng.partition("-")
+        for i in range(int(a), int(b or a) + 1):
+            print(f"{m.group(1)}{i:0{len(a)}d}")
+'''
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  micro_batch_size: 16\n  grad_accum: 2\n")
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}\n")
+
+    def run(nodes: int, gpus: int, ntasks_per_node: int | None = None, args=(), **env):
+        nodelist = "gpu001" if nodes == 1 else f"gpu[001-{nodes:03d}]"
+        per_node = gpus if ntasks_per_node is None else ntasks_per_node
+        e = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN=1, SLURM_JOB_ID=4242,
+                       SLURM_JOB_NODELIST=nodelist, SLURM_NNODES=nodes, SLURM_NTASKS=nodes * per_node,
+                       SLURM_NTASKS_PER_NODE=per_node, SLURM_CPUS_PER_TASK=8, SLURM_SUBMIT_DIR=REPO)
+        if gpus:
+            e["SLURM_GPUS_ON_NODE"] = str(gpus)
+        e.update({k: str(v) for k, v in env.items()})
+        return subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--config", str(cfg),
+                               "--deepspeed_config", str(ds), *args],
+                              cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+    return run
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_train_dry_run_world_size(fake_slurm, nodes):
+    r = fake_slurm(nodes, gpus=8, args=["train.max_steps=7"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    world = 8 * nodes
+    assert f"world size: {world} ({nodes} nodes x 8 processes per node, gpu)" in out
+    assert "master address: gpu001:24242" in out  # first node; port 20000 + job id % 20000
+    assert f"per-GPU batch: 16 (grad_accum 2, global batch {16 * 2 * world}, max_steps 7)" in out
+    cmd = next(line for line in out.splitlines() if line.startswith("command: "))
+    assert f"srun --nodes={nodes} --ntasks={world} --ntasks-per-node=8 --cpus-per-task=8" in cmd
+    assert "rear_ds/train.py --deepspeed_config" in cmd
+    assert "train.out_dir=runs/slurm-4242" in cmd and cmd.rstrip().endswith("train.max_steps=7")
+    assert "dry run: nothing started" in out
+
+
+def test_train_dry_run_cpu_and_overrides(fake_slurm):
+    r = fake_slurm(1, gpus=0, ntasks_per_node=2, args=["--dry-run", "train.out_dir=/tmp/somewhere"])
+    assert r.returncode == 0, r.stderr
+    assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in r.stdout
+    assert "run dir: /tmp/somewhere" in r.stdout and "runs/slurm-4242" not in r.stdout
+    r = fake_slurm(2, gpus=0, ntasks_per_node=2, RUN_DIR="/scratch/run7")
+    assert "world size: 4" in r.stdout and "train.out_dir=/scratch/run7" in r.stdout
+
+
+def test_train_dry_run_rejects_tasks_gpus_mismatch(fake_slurm):
+    r = fake_slurm(2, gpus=8, ntasks_per_node=4)
+    assert r.returncode == 2
+    assert "--ntasks-per-node=4 but 8 GPUs per node" in r.stderr
+
+
+def test_train_missing_config_fails_fast(fake_slurm, tmp_path):
+    r = subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--config", "configs/nope.yaml"],
+                       env=_clean_env(DRY_RUN=1), capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "config configs/nope.yaml not found" in r.stderr
+
+
+def test_submit_chain_dry_run(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "slurm/submit_chain.sh"),
+                        "tokenize:", "--input", "imgs", "--out", "shards",
+                        "train:", "--config", "configs/tiny.yaml", "train.out_dir=runs/t",
+                        "sample:", "--config", "configs/tiny.yaml", "--out-dir", "runs/t/samples",
+                        "evaluate:", "--reference", "ref.npz"],
+                       cwd=REPO, env=_clean_env(DRY_RUN=1, PARTITION="p1", ACCOUNT="a1"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["tokenize", "finalize", "train", "sample",
+                                                                  "evaluate"]
+    cmds = [line for line in r.stderr.splitlines() if line.startswith("dry run: sbatch")]
+    assert len(cmds) == 5 and all("--partition=p1 --account=a1" in c for c in cmds)
+    assert f"--array=0-7 {REPO}/slurm/tokenize.sh" in cmds[0]
+    assert "--dependency=afterok:DRY_tokenize" in cmds[1] and "STAGE=finalize" in cmds[1]
+    assert "--dependency=afterok:DRY_finalize" in cmds[2] and "train.out_dir=runs/t" in cmds[2]
+    assert "--checkpoint runs/t/checkpoints/latest" in cmds[3]
+    assert "--samples runs/t/samples" in cmds[4] and "afterok:DRY_sample" in cmds[4]
+
+
+# --------------------------------------------------------------------------- the real cluster
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    reason = _can_install()
+    if reason:
+        pytest.skip(reason)
+    was_running = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
+    t0 = time.time()
+    r = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"tests/slurm_cluster.sh start failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    print(f"slurm cluster ready in {time.time() - t0:.1f}s")
+    yield
+    if not was_running:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=300)
+
+
+def sbatch(args, cwd, env=None) -> str:
+    r = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or _clean_env(REPO_DIR=REPO),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"sbatch {args} failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def job_records(job_id: str) -> list[dict]:
+    """`scontrol show job -o` as dicts: one per job, or per array task."""
+    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    recs = []
+    for line in r.stdout.splitlines():
+        recs.append(dict(re.findall(r"(\w+)=(\S*)", line)))
+    return recs
+
+
+def wait_jobs(*job_ids: str, timeout: float = 300) -> list[dict]:
+    """Wait until every job (and array task) is in a final state; returns their records."""
+    deadline = time.time() + timeout
+    while True:
+        recs = [rec for j in job_ids for rec in job_records(j)]
+        if recs and all(rec.get("JobState") in TERMINAL for rec in recs) and not any(
+                rec.get("ArrayTaskId", "").find("[") >= 0 for rec in recs):  # pending array remainder
+            return recs
+        if time.time() > deadline:
+            subprocess.run(["scancel", *job_ids])
+            pytest.fail(f"jobs {job_ids} not finished after {timeout}s: "
+                        + "; ".join(f"{r.get('JobId')} {r.get('JobState')} {r.get('Reason')}" for r in recs))
+        time.sleep(0.3)
+
+
+def logs(folder: Path, pattern="slurm-*") -> str:
+    return "\n".join(f"==== {p.name}\n{p.read_text()}" for p in sorted(folder.glob(pattern)))
+
+
+def assert_ok(recs, folder):
+    bad = [r for r in recs if r.get("JobState") != "COMPLETED" or r.get("ExitCode") != "0:0"]
+    assert not bad, f"{[(r.get('JobId'), r.get('JobState'), r.get('ExitCode')) for r in bad]}\n{logs(folder)}"
+
+
+def log_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "log.jsonl") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r["step"] for r in recs if "step" in r and "loss" in r]  # metric lines, not events
+
+
+# A stand-in for rear_ds/train.py that follows the CONTRACTS.md CLI and exit codes: checkpoint + exit 75 on
+# SIGUSR1/SIGTERM, resume from <out_dir>/checkpoints/latest, one JSON line per step in log.jsonl.
+FAKE_TRAIN = r'''
+import json, os, signal, sys, time
+kv = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+assert "--deepspeed_config" in sys.argv and "--config" in sys.argv, sys.argv
+out, max_steps = kv["train.out_dir"], int(kv["train.max_steps"])
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+stop = []
+signal.signal(signal.SIGUSR1, lambda s, f: stop.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+latest = os.path.join(out, "checkpoints", "latest")
+os.makedirs(os.path.dirname(latest), exist_ok=True)
+step = int(open(latest).read()) if os.path.exists(latest) else 0
+print(f"fake-train rank {rank}/{world} local {os.environ['LOCAL_RANK']} "
+      f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} resume step {step}", flush=True)
+while step < max_steps:
+    time.sleep(float(os.environ.get("FAKE_STEP_S", "0.3")))
+    step += 1
+    if rank == 0:
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+    if stop or step == max_steps:
+        if rank == 0:
+            with open(latest + ".tmp", "w") as f:
+                f.write(str(step))
+            os.replace(latest + ".tmp", latest)
+        if stop:
+            print(f"fake-train rank {rank}: signal {stop[0]} at step {step}, checkpoint written", flush=True)
+            sys.exit(75)
+print(f"fake-train rank {rank}: done at step {step}", flush=True)
+'''
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  micro_batch_size: 4\n")
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}\n")
+    return ["--config", cfg, "--deepspeed_config", ds], _clean_env(REPO_DIR=REPO, TRAIN_SCRIPT=script)
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_train_two_tasks_stub(slurm_cluster, tmp_path, fake_train):
+    args, env = fake_train
+    run = tmp_path / "run"
+    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh", *args, "train.max_steps=4",
+                  f"train.out_dir={run}"], tmp_path, env)
+    assert_ok(wait_jobs(jid, timeout=120), tmp_path)
+    out = (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
+    assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in out
+    assert "fake-train rank 0/2 local 0" in out and "fake-train rank 1/2 local 1" in out
+    assert log_steps(run) == [1, 2, 3, 4] and (run / "checkpoints/latest").read_text() == "4"
+
+
+@pytest.mark.parametrize("how", ["usr1", "requeue"])
+def test_train_preemption_stub(slurm_cluster, tmp_path, fake_train, how):
+    """Warning signal (scancel --signal=USR1 --batch) -> checkpoint, exit 75, self-requeue; or an external
+    `scontrol requeue` (SIGTERM). Either way the same job id runs again and resumes from the checkpoint."""
+    args, env = fake_train
+    run = tmp_path / "run"
+    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh", *args, "train.max_steps=25"],
+                 tmp_path, {**env, "RUN_DIR": str(run)})
+    wait_for(lambda: (run / "log.jsonl").exists() and len(log_steps(run)) >= 3, 90, "3 training steps")
+    if how == "usr1":
+        subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", jid], check=True)
+    recs = wait_jobs(jid, timeout=180)
+    assert_ok(recs, tmp_path)
+    assert int(recs[0]["Restarts"]) == 1
+    out = (tmp_path / f"slurm-rear-train-{jid}.out").read_text()  # the same file, appended
+    assert f"job {jid}  restart 0" in out and f"job {jid}  restart 1" in out
+    resumed = [int(m) for m in re.findall(r"fake-train rank 0/2 .* resume step (\d+)", out)]
+    assert resumed[0] == 0 and resumed[1] >= 3, out
+    steps = log_steps(run)
+    assert steps == list(range(1, 26)), steps  # resumed exactly where it stopped, same final step
+    err = (tmp_path / f"slurm-rear-train-{jid}.err").read_text()
+    if how == "usr1":
+        assert "requeueing job" in err
+    else:
+        assert "SIGTERM" in err and "requeueing job" not in err
+
+
+STUB_TOOL = r'''
+import json, os, sys, time
+with open(os.environ["STUB_RECORD"], "a") as f:
+    f.write(json.dumps({"tool": sys.argv[0].split("/")[-1], "argv": sys.argv[1:], "t": time.time(),
+                        "job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+time.sleep(0.5)
+'''
+
+
+def test_chain_stub_tools(slurm_cluster, tmp_path):
+    """slurm/submit_chain.sh tokenize (array of 2 + finalize) -> sample (array of 2) -> evaluate, run for
+    real with stand-in tools that record their arguments: ranks, order (afterok) and wiring."""
+    fake = tmp_path / "repo"
+    for rel in ("data_prep/tokenize.py", "rear_ds/sample.py", "rear_ds/evaluate.py"):
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(STUB_TOOL)
+    (fake / "slurm").symlink_to(REPO / "slurm")
+    record = tmp_path / "record.jsonl"
+    env = _clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    env.pop("REPO_DIR", None)  # submit_chain.sh derives it from its own path: the fake repo
+    r = subprocess.run(["bash", str(fake / "slurm/submit_chain.sh"), "tokenize:", "--out", "shards",
+                        "sample:", "--out-dir", "samples", "--num-samples", "8",
+                        "evaluate:", "--out", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split() for line in r.stdout.splitlines())
+    assert list(ids) == ["tokenize", "finalize", "sample", "evaluate"]
+    assert_ok(wait_jobs(*ids.values(), timeout=180), tmp_path)
+    recs = [json.loads(line) for line in record.read_text().splitlines()]
+    by = lambda tool, pred=lambda a: True: [x for x in recs if x["tool"] == tool and pred(x["argv"])]  # noqa: E731
+    ranks = by("tokenize.py", lambda a: "--rank" in a)
+    fin = by("tokenize.py", lambda a: "--finalize" in a)
+    samples, evals = by("sample.py"), by("evaluate.py")
+    assert sorted(x["argv"][-3] for x in ranks) == ["0", "1"] and all(x["argv"][-1] == "2" for x in ranks)
+    assert len(fin) == 1 and fin[0]["argv"] == ["--out", "shards", "--finalize", "--world-size", "2"]
+    assert sorted(x["argv"][-3] for x in samples) == ["0", "1"]
+    assert evals[0]["argv"] == ["--out", "eval", "--samples", "samples"]
+    # afterok: every stage started after the previous one ended (each stub runs >= 0.5 s)
+    assert fin[0]["t"] > max(x["t"] for x in ranks) + 0.4
+    assert min(x["t"] for x in samples) > fin[0]["t"] + 0.4
+    assert evals[0]["t"] > max(x["t"] for x in samples) + 0.4
+
+
+# --------------------------------------------------------------------------- real entry points
+def need(*rel_paths: str):
+    for rel in rel_paths:
+        if not (REPO / rel).exists():
+            pytest.skip(f"entry point {rel} not present yet")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Token shards for configs/tiny.yaml, made by the real data_prep/tokenize.py (2 ranks + finalize) run
+    directly (not through Slurm, to keep this fixture independent of the Slurm tokenize test)."""
+    need("data_prep/tokenize.py", "configs/tiny.yaml")
+    root = tmp_path_factory.mktemp("tiny_data")
+    images, weights, out = make_tiny_inputs(root)
+    base = [sys.executable, "data_prep/tokenize.py", "--input", images, "--out", out, "--config", "configs/tiny.yaml",
+            "--tokenizer-weights", weights, "--views", "center", "--workers", "0", "--images-per-shard", "8",
+            "--device", "cpu"]
+    for rank in (0, 1):
+        r = subprocess.run([*base, "--rank", str(rank), "--world-size", "2"], cwd=REPO, capture_output=True,
+                           text=True, env=_clean_env(), timeout=600)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([*base, "--finalize"], cwd=REPO, capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def make_tiny_inputs(root: Path):
+    """An ImageNet-style folder (3 classes x 8 random 40x40 PNGs) and random toy tokenizer weights."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from rear_ds.config import load_config
+    from rear_ds.models.tokenizers import build_tokenizer
+    from rear_ds.models.weights import save_safetensors
+
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    for c in range(3):
+        (images / f"n0000{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"n0000{c}/{i}.png")
+    cfg = load_config(str(REPO / "configs/tiny.yaml"))
+    tok = build_tokenizer(cfg.tokenizer, load_weights=False)
+    weights = root / "toy_vq.safetensors"
+    save_safetensors({k: v.contiguous() for k, v in tok.state_dict().items()}, str(weights))
+    return str(images), str(weights), str(root / "shards")
+
+
+def test_tokenize_array_and_finalize(slurm_cluster, tmp_path):
+    need("data_prep/tokenize.py", "configs/tiny.yaml")
+    images, weights, out = make_tiny_inputs(tmp_path)
+    env = _clean_env(REPO_DIR=REPO, TOKENIZE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    r = subprocess.run(["bash", str(REPO / "slurm/tokenize.sh"), "--input", images, "--out", out, "--config", "configs/tiny.yaml",
+                        "--tokenizer-weights", weights, "--views", "center", "--workers", "0",
+                        "--images-per-shard", "8", "--device", "cpu"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split() for line in r.stdout.splitlines())
+    assert list(ids) == ["tokenize", "finalize"]
+    recs = wait_jobs(*ids.values(), timeout=600)
+    assert_ok(recs, tmp_path)
+    assert len([r for r in recs if r.get("ArrayJobId") == ids["tokenize"]]) == 2
+    assert sorted(Path(out).glob("shard-*.tar")), "no shards written"
+    assert json.loads((Path(out) / "manifest.json").read_text())
+
+
+@pytest.fixture
+def train_entry():
+    """Listed before tiny_shards so a missing trainer skips before any data is made."""
+    need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
+
+
+def tiny_train_args(run: Path, shards: str, max_steps: int):
+    return ["--config", "configs/tiny.yaml", "--deepspeed_config", "ds_configs/zero2_bf16.json",
+            f"train.out_dir={run}", f"train.max_steps={max_steps}", f"data.shards={shards}", "train.log_every=1",
+            f"tokenizer.weights={Path(shards).parent / 'toy_vq.safetensors'}",  # made with the shards
+            "train.ckpt_every=5", "train.precision=bf16", "data.num_workers=0", "wandb.enabled=false"]
+
+
+def test_train_real_two_tasks(slurm_cluster, tmp_path, train_entry, tiny_shards):
+    need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
+    run = tmp_path / "run"
+    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh",
+                  *tiny_train_args(run, tiny_shards, 6)], tmp_path)
+    assert_ok(wait_jobs(jid, timeout=900), tmp_path)
+    assert "world size: 2" in (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
+    assert log_steps(run)[-1] == 6
+    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
+
+
+def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards):
+    need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
+    run = tmp_path / "run"
+    max_steps = 40
+    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh",
+                  *tiny_train_args(run, tiny_shards, max_steps)], tmp_path)
+    wait_for(lambda: (run / "log.jsonl").exists() and len(log_steps(run)) >= 2, 600, "2 logged training steps")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
+    recs = wait_jobs(jid, timeout=900)
+    assert_ok(recs, tmp_path)
+    assert int(recs[0]["Restarts"]) >= 1, logs(tmp_path)
+    steps = log_steps(run)
+    assert steps[-1] == max_steps
+    assert steps.count(1) == 1, f"the requeued job started over instead of resuming: {steps}"
+    assert "requeueing job" in (tmp_path / f"slurm-rear-train-{jid}.err").read_text()
+
+
+def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, request):
+    need("rear_ds/sample.py", "rear_ds/evaluate.py")
+    ref, inception = os.environ.get("REAR_TEST_REFERENCE"), os.environ.get("REAR_TEST_INCEPTION_WEIGHTS")
+    if not (ref and inception):
+        pytest.skip("set REAR_TEST_REFERENCE and REAR_TEST_INCEPTION_WEIGHTS (evaluate needs a reference and "
+                    "Inception weights, which are not downloaded in the tests)")
+    run = tmp_path / "run"
+    env = _clean_env(REPO_DIR=REPO, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
+                     TRAIN_SBATCH="--ntasks-per-node=2")
+    tiny_shards = request.getfixturevalue("tiny_shards")
+    r = subprocess.run(["bash", str(REPO / "slurm/submit_chain.sh"),
+                        "train:", *tiny_train_args(run, tiny_shards, 5),
+                        "sample:", "--config", "configs/tiny.yaml", "--out-dir", tmp_path / "samples",
+                        "--num-samples", "8", "--chunk-size", "2",
+                        "evaluate:", "--reference", ref, "--inception-weights", inception, "--out", tmp_path / "eval"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split() for line in r.stdout.splitlines())
+    assert list(ids) == ["train", "sample", "evaluate"]
+    assert_ok(wait_jobs(*ids.values(), timeout=1200), tmp_path)
+    assert any((tmp_path / "samples").rglob("*")), "no samples written"
+    assert any((tmp_path / "eval").iterdir()), "no evaluation output"
