@@ -1,0 +1,240 @@
+"""Score a samples folder: ``python -m rear_ds.evaluate``.
+
+    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \
+        --inception-weights /models/weights-inception-2015-12-05-6726825d.pth --out eval/L_g10
+
+1. Gathers the chunk files written by ``rear_ds.sample`` and checks that every index 0..N-1 is present
+   exactly once (N, chunk size and run fingerprint from the folder's manifest.json); otherwise it stops
+   with an error listing the missing chunk files / indices, the duplicates and the invalid files.
+2. Writes the ADM evaluator's input ``<out>/samples_adm.npz`` (``arr_0``: uint8 (N, H, W, 3), index
+   order), streamed chunk by chunk, so ``python evaluator.py VIRTUAL_imagenet256_labeled.npz
+   samples_adm.npz`` (guided-diffusion, TF) can produce the numbers papers report.
+3. Computes, with torch-fidelity's InceptionV3 (local weights only): FID (pool_3 "2048"), Inception Score
+   ("logits_unbiased", 10 splits), precision and recall (k = 3, pool_3 features).
+   Reference: an ADM reference batch .npz (its stored mu/sigma for FID, its arr_0 images for P/R), a
+   ``ref_stats`` .npz, a folder of images, or a token-shard set decoded with the tokenizer (--config).
+4. Writes ``<out>/results.json`` (checkpoint, sampling settings, N, reference, evaluator, metrics,
+   accounting) and ``<out>/samples_grid.png``.
+
+torch-fidelity's Inception is a port of the TF graph ADM uses, but its numbers are not bit-identical to the
+ADM evaluator's; against ADM's stored mu/sigma the FID mixes the two. Report ADM-evaluator numbers for
+comparisons with papers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make rear_ds importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import json
+import time
+import zipfile
+
+import numpy as np
+
+ADM_NPZ = "samples_adm.npz"
+RESULTS = "results.json"
+GRID = "samples_grid.png"
+
+
+class AdmNpzWriter:
+    """Stream uint8 images into an .npz holding one array ``arr_0`` of known shape, atomically."""
+
+    def __init__(self, path: str, shape: tuple):
+        self.path, self.shape = path, tuple(int(s) for s in shape)
+        self.tmp = f"{path}.tmp.{os.getpid()}"
+        self.written = 0
+        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._f = self._zip.open("arr_0.npy", mode="w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._f, header)
+
+    def write(self, images: np.ndarray) -> None:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.shape[1:] != self.shape[1:] or self.written + images.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: got images {images.shape} after {self.written}, expected "
+                             f"{self.shape} in all")
+        self._f.write(images.tobytes())
+        self.written += images.shape[0]
+
+    def close(self) -> None:
+        self._f.close()
+        self._zip.close()
+        if self.written != self.shape[0]:
+            os.remove(self.tmp)
+            raise ValueError(f"{self.path}: only {self.written} of {self.shape[0]} images were written")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+            self._zip.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rear_ds.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, help="folder written by `python -m rear_ds.sample`")
+    p.add_argument("--reference", required=True,
+                   help="ADM reference batch .npz, ref_stats .npz, folder of images, or token-shard folder")
+    p.add_argument("--out", required=True, help="output folder (results.json, samples_grid.png, samples_adm.npz)")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or $REAR_INCEPTION_WEIGHTS)")
+    p.add_argument("--config", default=None, help="config whose tokenizer decodes a token-shard reference")
+    p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights of --config")
+    p.add_argument("--reference-size", type=int, default=None,
+                   help="centre-crop/resize folder images to this size (default: the samples' size)")
+    p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
+    p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
+    p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
+    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--prc-k", type=int, default=3)
+    p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
+    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    from rear_ds.config import ConfigError
+    from rear_ds.evaluation.chunks import IncompleteSamplesError
+    from rear_ds.evaluation.inception import InceptionWeightsError
+    from rear_ds.evaluation.safe_npz import NpzError
+    from rear_ds.models.weights import WeightsError
+    from rear_ds.sample import SampleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+        return 0
+    except (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"rear_ds.evaluate: error: {e}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args) -> dict:
+    from tqdm import tqdm
+
+    from rear_ds.evaluation.chunks import gather_chunks, iter_images
+    from rear_ds.evaluation.grid import save_grid
+    from rear_ds.evaluation.inception import InceptionFeatures, resolve_inception_weights
+    from rear_ds.evaluation.ref_stats import reference_statistics
+    from rear_ds.evaluation.references import open_reference
+    from rear_ds.evaluation.stats import fid_from_features, inception_score, precision_recall
+    from rear_ds.sample import read_manifest
+
+    t_start = time.time()
+    resolve_inception_weights(args.inception_weights)  # fail before any heavy work
+    manifest = read_manifest(args.samples)
+    N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
+    gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
+    os.makedirs(args.out, exist_ok=True)
+
+    extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
+    adm = None if args.no_adm_npz else AdmNpzWriter(os.path.join(args.out, ADM_NPZ), (N,) + gathered.image_shape)
+    pools, logits, grid, counted = [], [], [], 0
+    class_counts = np.zeros(C, dtype=np.int64)
+    try:
+        with tqdm(total=N, unit="img", desc="inception (samples)", mininterval=1.0 if sys.stderr.isatty()
+                  else 30.0) as bar:
+            for images, labels in iter_images(gathered.files, batch_size=args.batch_size):
+                if adm is not None:
+                    adm.write(images)
+                if len(grid) < args.grid_size:
+                    grid.extend(images[:args.grid_size - len(grid)])
+                pool, logit = extractor(images)
+                pools.append(pool.astype(np.float32))
+                logits.append(logit)
+                counted += images.shape[0]
+                np.add.at(class_counts, labels, 1)
+                bar.update(images.shape[0])
+        if adm is not None:
+            adm.close()
+    except BaseException:
+        if adm is not None:
+            adm.abort()
+        raise
+    pools, logits = np.concatenate(pools), np.concatenate(logits)
+
+    tok_cfg = None
+    if args.config:
+        from rear_ds.config import load_config
+
+        ov = [f"tokenizer.weights={args.tokenizer_weights}"] if args.tokenizer_weights else []
+        tok_cfg = load_config(args.config, ov).tokenizer
+    elif "config" in manifest:  # the sampler's own tokenizer decodes a shard reference by default
+        from rear_ds.config import config_from_dict
+
+        tok_cfg = config_from_dict(manifest["config"]).tokenizer
+        if args.tokenizer_weights:
+            tok_cfg.weights = args.tokenizer_weights
+    size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
+    ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
+                         device=str(extractor.device), with_images=not args.no_prc)
+    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size)
+
+    metrics = {"fid": fid_from_features(pools, ref_stats["mu"], ref_stats["sigma"])}
+    metrics["inception_score_mean"], metrics["inception_score_std"] = inception_score(logits, args.is_splits)
+    notes = []
+    if args.no_prc:
+        notes.append("precision/recall skipped (--no-prc)")
+    elif ref_stats["features"] is None:
+        notes.append("precision/recall skipped: the reference has no images or features")
+    else:
+        metrics["precision"], metrics["recall"] = precision_recall(pools, ref_stats["features"], args.prc_k)
+    if ref.kind == "adm_npz" and ref.mu is not None:
+        notes.append("FID uses the reference's stored mu/sigma (ADM TF Inception) with torch-fidelity sample "
+                     "features; for numbers comparable to papers run the ADM evaluator on samples_adm.npz")
+    if N < 50_000:
+        notes.append(f"N = {N} < 50,000: FID is biased upwards compared with the standard 50k protocol")
+
+    results = {
+        "format": "rear_ds.eval_results/v1",
+        "metrics": metrics,
+        "checkpoint": manifest["checkpoint"],
+        "tokenizer": manifest.get("tokenizer"),
+        "sampling": manifest["sampling"],
+        "seed": manifest["seed"],
+        "num_samples": N,
+        "num_classes": C,
+        "class_order": manifest.get("class_order"),
+        "samples_dir": os.path.abspath(args.samples),
+        "samples_fingerprint": manifest["fingerprint"],
+        "reference": dict(ref.describe(), num_images=ref_stats["num_images"], fid_statistics=ref_stats["fid_source"],
+                          prc_features=ref_stats["features_source"]),
+        "evaluator": dict(extractor.describe(), is_splits=args.is_splits, prc_neighborhood=args.prc_k,
+                          fid_formula=("|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) via symmetric eigendecompositions "
+                                     "(same value as torch_fidelity fid_statistics_to_metric)")),
+        "accounting": dict(gathered.accounting, samples_scored=int(counted),
+                           per_class_min=int(class_counts.min()), per_class_max=int(class_counts.max()),
+                           reference_images=ref_stats["num_images"]),
+        "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),
+                    "grid": os.path.abspath(os.path.join(args.out, GRID))},
+        "notes": notes,
+        "seconds": round(time.time() - t_start, 2),
+    }
+    save_grid(np.stack(grid), results["outputs"]["grid"], nrow=8)
+    write_json_atomic(os.path.join(args.out, RESULTS), results)
+    print(json.dumps(metrics, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""``python -m rear_ds.evaluate`` and rear_ds.evaluation: FID / IS / P-R with a test-made Inception (CPU).
+
+The Inception weights are a randomly initialised torch-fidelity FeatureExtractorInceptionV3 saved by the
+test (conv weights re-drawn with a ReLU gain so features do not vanish); nothing is downloaded, and every
+socket connection attempt fails the test. Inception runs at 299x299 on the CPU, so image counts are tiny.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 10  # one sample per class of the tiny config (IS then has 10 splits of 1)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is faster than two fighting ones
+    yield
+    torch.set_num_threads(old)
+
+
+def make_inception_weights(path: str) -> str:
+    """A random torch-fidelity InceptionV3 state dict saved as a plain .pth (no download, no real weights)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from torch import nn
+
+    def no_download(*a, **k):
+        raise AssertionError("torch-fidelity tried to download its weights")
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", no_download), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None), \
+            mock.patch.object(fe.torch, "load", lambda *a, **k: {}):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    return make_inception_weights(str(tmp_path_factory.mktemp("inception") / "weights-inception-test.pth"))
+
+
+@pytest.fixture(scope="module")
+def extractor(inception):
+    from rear_ds.evaluation.inception import InceptionFeatures
+
+    return InceptionFeatures(inception, device="cpu", batch_size=10)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    """A real sampling run of the tiny model: N samples in 3 chunks."""
+    from test_sampling_cli import make_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("samples")
+    tiny = make_tiny_checkpoint(str(base / "ckpt"))
+    out = str(base / "run")
+    cmd = [sys.executable, "-m", "rear_ds.sample", "--checkpoint", tiny["ckpt"], "--out-dir", out,
+           "--num-samples", str(N), "--chunk-size", "4", "--batch-size", "4", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
+        env.pop(k, None)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    images = np.concatenate([np.load(os.path.join(out, f"chunk_{k:06d}.npz"))["images"] for k in range(3)])
+    return {"dir": out, "images": images, **tiny}
+
+
+@pytest.fixture(scope="module")
+def feats(extractor, samples):
+    """Inception features of the samples and of a brightness-shifted copy (computed once)."""
+    shifted = np.clip(samples["images"].astype(np.int16) + 80, 0, 255).astype(np.uint8)
+    return {"shifted": shifted, "f": extractor(samples["images"]), "f_shift": extractor(shifted)}
+
+
+def test_frechet_matches_torch_fidelity():
+    """Our symmetric-eigensolver FID (full and low-rank paths) equals torch-fidelity's formula."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats, frechet_distance
+
+    rng = np.random.RandomState(0)
+    for n in (12, 200):  # fewer and more samples than the 64 dimensions
+        a, b = rng.randn(n, 64), rng.randn(50, 64) * 1.3 + 0.2
+        (m1, s1), (m2, s2) = fid_stats(a), fid_stats(b)
+        ref = fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, False)
+        ref = ref["frechet_inception_distance"]
+        assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-6)
+        assert fid_from_features(a, m2, s2) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fid_self_is_zero_and_shift_is_large(feats):
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats
+
+    self_fid = fid_from_features(feats["f"][0], *fid_stats(feats["f"][0]))
+    shift_fid = fid_from_features(feats["f"][0], *fid_stats(feats["f_shift"][0]))
+    assert shift_fid > 1.0
+    assert abs(self_fid) < 1e-6 * shift_fid
+
+
+def test_evaluate_cli_end_to_end(samples, feats, inception, tmp_path):
+    """ADM-style reference (arr_0 + mu/sigma): stored stats are used for FID, arr_0 for P/R; outputs complete."""
+    from rear_ds.evaluate import main
+    from rear_ds.evaluation.fid import evaluate_fid
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats
+
+    mu_ref, sigma_ref = fid_stats(feats["f_shift"][0])
+    ref = str(tmp_path / "VIRTUAL_test_ref.npz")
+    np.savez(ref, arr_0=feats["shifted"], mu=mu_ref, sigma=sigma_ref)
+    out = str(tmp_path / "eval")
+    assert main(["--samples", samples["dir"], "--reference", ref, "--inception-weights", inception,
+                 "--out", out, "--batch-size", "10"]) == 0
+
+    adm = np.load(os.path.join(out, "samples_adm.npz"), allow_pickle=False)
+    assert list(adm.keys()) == ["arr_0"]
+    assert adm["arr_0"].dtype == np.uint8 and adm["arr_0"].shape == (N, 32, 32, 3)
+    assert np.array_equal(adm["arr_0"], samples["images"])
+    assert os.path.getsize(os.path.join(out, "samples_grid.png")) > 0
+
+    with open(os.path.join(out, "results.json")) as f:
+        r = json.load(f)
+    assert r["metrics"]["fid"] == pytest.approx(fid_from_features(feats["f"][0], mu_ref, sigma_ref), rel=1e-6)
+    assert r["metrics"]["inception_score_mean"] == pytest.approx(1.0)  # 10 splits of one sample each
+    assert 0.0 <= r["metrics"]["precision"] <= 1.0 and 0.0 <= r["metrics"]["recall"] <= 1.0
+    assert r["reference"]["kind"] == "adm_npz" and r["reference"]["fid_statistics"] == "stored mu/sigma"
+    assert r["reference"]["prc_features"] == "computed from reference images"
+    assert r["evaluator"]["torch_fidelity_version"] and r["evaluator"]["fid_feature_layer"] == "2048"
+    assert r["evaluator"]["is_splits"] == 10 and r["evaluator"]["prc_neighborhood"] == 3
+    assert r["num_samples"] == N and r["sampling"]["guidance_scale"] == 3.0 and r["seed"] == 42
+    assert len(r["checkpoint"]["sha256"]) == 64
+    acc = r["accounting"]
+    assert (acc["chunks_expected"], acc["chunks_valid"], acc["samples_counted"], acc["samples_scored"]) == (3, 3, N, N)
+
+    # The in-training helper gives the same number from the same stats file.
+    assert evaluate_fid(samples["images"], ref, inception, device="cpu") == pytest.approx(r["metrics"]["fid"],
+                                                                                          rel=1e-6)
+
+
+def test_stored_stats_equal_computed_stats(samples, feats, extractor, tmp_path):
+    """mu/sigma read from an npz give the same FID as statistics computed from the same images (a folder)."""
+    from PIL import Image
+
+    from rear_ds.evaluation.ref_stats import main as ref_stats_main
+    from rear_ds.evaluation.ref_stats import reference_statistics
+    from rear_ds.evaluation.references import open_reference
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats
+
+    folder = tmp_path / "ref_images"
+    folder.mkdir()
+    for i, im in enumerate(feats["shifted"]):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    stats_path = str(tmp_path / "ref_stats.npz")
+    assert ref_stats_main(["--reference", str(folder), "--out", stats_path,
+                           "--inception-weights", extractor.weights_path, "--batch-size", "10"]) == 0
+    from_file = reference_statistics(open_reference(stats_path), extractor, need_features=True)
+    assert from_file["fid_source"] == "stored mu/sigma" and from_file["features"].shape == (N, 2048)
+    computed = fid_stats(feats["f_shift"][0])
+    fid_file = fid_from_features(feats["f"][0], from_file["mu"], from_file["sigma"])
+    fid_computed = fid_from_features(feats["f"][0], *computed)
+    assert fid_file == pytest.approx(fid_computed, rel=1e-9)
+
+
+def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
+    import shutil
+
+    from rear_ds.evaluate import main
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(samples["dir"], broken)
+    os.remove(os.path.join(broken, "chunk_000001.npz"))
+    assert main(["--samples", broken, "--reference", broken, "--inception-weights", inception,
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "chunk_000001.npz (absent)" in err and "missing indices: 4-7" in err
+
+
+def test_missing_inception_weights_says_which_file(samples, tmp_path, monkeypatch, capsys):
+    from rear_ds.evaluate import main
+
+    monkeypatch.delenv("REAR_INCEPTION_WEIGHTS", raising=False)
+    assert main(["--samples", samples["dir"], "--reference", samples["dir"], "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "weights-inception-2015-12-05-6726825d.pth" in err and "REAR_INCEPTION_WEIGHTS" in err
+    missing = str(tmp_path / "nope.pth")
+    assert main(["--samples", samples["dir"], "--reference", samples["dir"], "--out", str(tmp_path),
+                 "--inception-weights", missing]) == 1
+    assert missing in capsys.readouterr().err
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_pickles_are_refused(tmp_path):
+    """A reference .npz with an object array and an Inception .pth with a code pickle: refused, never run."""
+    from rear_ds.evaluation.inception import InceptionWeightsError, build_inception
+    from rear_ds.evaluation.references import open_reference
+    from rear_ds.evaluation.safe_npz import NpzError
+
+    marker = tmp_path / "pwned"
+    evil = np.empty(1, dtype=object)
+    evil[0] = _Evil(str(marker))
+    ref = str(tmp_path / "evil_ref.npz")
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=evil, sigma=np.eye(2))
+    with pytest.raises(NpzError, match="pickled"):
+        open_reference(ref)
+    weights = str(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Evil(str(marker))}, weights)
+    with pytest.raises(InceptionWeightsError, match="refused"):
+        build_inception(weights)
+    assert not marker.exists()
+
+
+def test_token_shard_reference_is_decoded(samples, tmp_path):
+    """A token-shard set is decoded with the tokenizer into uint8 images (truncated), honouring --limit."""
+    from rear_ds.config import load_config
+    from rear_ds.data.shards import ShardWriter, shard_name
+    from rear_ds.evaluation.references import open_reference
+    from rear_ds.models.tokenizers import build_tokenizer
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"tokenizer.weights={samples['tok']}"])
+    rng = np.random.RandomState(0)
+    grids = rng.randint(0, 64, size=(5, 4, 4)).astype(np.uint16)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s, part in enumerate((grids[:3], grids[3:])):
+        w = ShardWriter(str(folder / shard_name(s)))
+        for i, g in enumerate(part):
+            w.add(f"{s:03d}{i:06d}_0", g, cls=i, view=0, src=f"img{i}")
+        w.commit()
+    ref = open_reference(str(folder), tokenizer_cfg=cfg.tokenizer, limit=4)
+    assert ref.kind == "token_shards"
+    images = np.concatenate(list(ref.iter_images(batch_size=3)))
+    tok = build_tokenizer(cfg.tokenizer)
+    with torch.no_grad():
+        expected = (tok.decode(torch.from_numpy(grids[:4].astype(np.int64))).clamp(0, 1) * 255).byte()
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+    assert np.array_equal(images, expected.permute(0, 2, 3, 1).numpy())
