@@ -1,0 +1,234 @@
+"""Train reAR with DeepSpeed.
+
+    deepspeed rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json --config configs/tiny.yaml \
+        train.out_dir=runs/x train.max_steps=100
+    torchrun --nproc_per_node 8 rear_ds/train.py --deepspeed_config ... --config ...
+    srun python rear_ds/train.py --deepspeed_config ... --config ...          (rank/world from SLURM_*)
+
+The run folder (train.out_dir) holds config.yaml, ds_config.json, log.jsonl, wandb_id, samples/*.png and
+checkpoints/ (see rear_ds/training/checkpoint.py). A relaunch resumes from checkpoints/latest by itself.
+Exit codes: 0 finished, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue), 1 error.
+
+Precision with a bf16 DeepSpeed config: DeepSpeed keeps the module's weights in bf16 for forward/backward
+and holds fp32 master weights and fp32 Adam states in the (ZeRO) optimizer; the loss and its terms are
+computed in fp32 (the objective casts logits and features), gradients are clipped to norm 1.0 by DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script by the launchers: make `rear_ds` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+
+from rear_ds.config import ConfigError, config_json, load_config, save_config
+from rear_ds.training import ds_config as dsc
+from rear_ds.training import launch_env, preflight, signals
+
+log = logging.getLogger("rear_ds")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; unused")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = launch_env.detect()
+    setup_logging(env.rank)
+    # 1. Everything that can be wrong in the config fails here: no process group, model or data yet.
+    try:
+        cfg = load_config(args.config, args.overrides, need_data=True)
+        preflight.check_paths(cfg)
+        ds_cfg = dsc.resolve(dsc.load_json(args.deepspeed_config), cfg, env.world_size, args.deepspeed_config)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return signals.EXIT_ERROR
+    try:
+        return train(cfg, ds_cfg, env)
+    except Exception:
+        log.exception("training failed on rank %d", env.rank)
+        return signals.EXIT_ERROR
+
+
+def train(cfg, ds_cfg: dict, env) -> int:
+    import deepspeed
+    import torch.distributed as dist
+
+    from rear_ds.data.reader import build_train_loader
+    from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
+    from rear_ds.objective import ReARObjective
+    from rear_ds.training import build, checkpoint as ckpt, metrics, optim
+
+    device = launch_env.init_distributed(env, cfg.train.collective_timeout_s)
+    signals.install()
+    rank, world, t = env.rank, env.world_size, cfg.train
+    ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
+        ckpt.clean_partial(ckpt_dir)
+    dist.barrier()
+
+    # 2. Where do we start? A different process count goes through a universal checkpoint.
+    resume = ckpt.find_resume(ckpt_dir)
+    load_tag = resume.tag if resume else None
+    if resume and resume.world_size != world:
+        load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
+        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+    if rank == 0:
+        dsc_path = os.path.join(t.out_dir, "ds_config.json")
+        with open(dsc_path, "w") as f:
+            import json
+            json.dump(ds_cfg, f, indent=2)
+
+    # 3. Model, optimizer, schedule. Same init on every rank; then per-rank streams for dropout.
+    stage = dsc.zero_stage(ds_cfg)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    model = build.build_model(cfg, ds_cfg, stage)
+    optimizer, opt_impl = optim.build_optimizer(model, cfg.optim, device, dsc.offloads_optimizer(ds_cfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_cfg,
+        lr_scheduler=lambda opt: optim.build_scheduler(opt, cfg.optim))
+    tokenizer, codebook = build.build_codebook(cfg, device)
+    objective = ReARObjective(cfg.objective, cfg.model)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(t.seed * 1000 + rank + 1)  # the objective's perturbation / class-dropout draws
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)  # dropout
+
+    # 4. Resume: weights, optimizer, schedule, step, RNGs and the data position.
+    step, samples_seen, wandb_id, rank_states = 0, 0, None, None
+    if resume:
+        path, client = engine.load_checkpoint(ckpt_dir, tag=load_tag)
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, load_tag)}")
+        step, samples_seen = int(client["step"]), int(client["samples_seen"])
+        wandb_id, rank_states = client.get("wandb_id"), client.get("rank_states")
+        log.info("resumed from %s: step %d, %d samples seen%s", os.path.join(ckpt_dir, load_tag), step,
+                 samples_seen, f" (universal checkpoint: {resume.world_size} -> {world} processes)"
+                 if load_tag != resume.tag else "")
+    else:
+        log.info("no complete checkpoint in %s: starting from scratch", ckpt_dir)
+    exact = rank_states is not None and len(rank_states) == world
+    # With another process count the old per-rank streams cannot be continued: start fresh data/RNG
+    # streams that depend on the step (so no data is replayed in the same order), and say so.
+    data_seed = t.seed if (exact or not resume) else t.seed + step
+    loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
+    if exact:
+        loader.load_state_dict(rank_states[rank]["reader"])
+    elif resume:
+        log.warning("process count changed (%d -> %d): data order and RNG streams restart from seed %d",
+                    len(rank_states or []), world, data_seed)
+
+    global_batch = t.micro_batch_size * t.grad_accum * world
+    flops = flops_per_sample(cfg.model)
+    run_info = {"world_size": world, "launcher": env.launcher, "device": str(device), "zero_stage": stage,
+                "precision": t.precision, "layernorm_impl": LAYERNORM_IMPL, "optimizer_impl": opt_impl,
+                "params": count_parameters(cfg.model, include_align=True), "flops_per_sample": flops,
+                "global_batch": global_batch, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
+                "resumed_from": load_tag, "start_step": step}
+    logger = metrics.RunLogger(t.out_dir, cfg, rank == 0, run_info)
+    if rank == 0:
+        log.info("run: %s", run_info)
+    wandb_id = logger.wandb_id or wandb_id
+    meter = metrics.Throughput(flops, cfg.model.num_tokens, world, metrics.peak_tflops(t.peak_tflops))
+    keys = ("loss", "ce", "enc_align", "dec_align", "token_acc", "noise_frac")
+    sums, n_sum = torch.zeros(len(keys)), 0
+
+    def save_checkpoint() -> bool:
+        local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
+        client = {"step": step, "samples_seen": samples_seen, "wandb_id": wandb_id, "world_size": world,
+                  "universal_checkpoint_info": {}, "rank_states": ckpt.gather_rank_states(local),
+                  "rear_config": cfg.to_dict()}
+        meta = {"world_size": world, "zero_stage": stage, "samples_seen": samples_seen}
+        return ckpt.save(engine, ckpt_dir, step, client, meta, config_json(cfg), t.keep_last)
+
+    # RNG streams are restored last, right before the loop, so that nothing above (W&B, meta-device parameter
+    # counting, ...) can shift them: stop at step k + resume = the uninterrupted run, bit for bit.
+    if exact:
+        ckpt.set_rng_state(rank_states[rank]["rng"], gen)
+    elif resume:
+        torch.manual_seed(data_seed + rank)
+        gen.manual_seed(data_seed * 1000 + rank + 1)
+
+    # 5. The loop: one iteration = one optimizer step of grad_accum micro-batches.
+    engine.train()
+    stopped = False
+    while step < t.max_steps:
+        lr = scheduler.get_last_lr()[0]
+        for _ in range(t.grad_accum):
+            t0 = time.perf_counter()
+            # The reader's DataLoader draws a seed from the global torch RNG whenever it (re)starts its
+            # iterator (e.g. right after a resume); isolate that so the global RNG drives dropout only.
+            with torch.random.fork_rng(devices=[]):
+                tokens, labels = next(loader)
+            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            meter.data_s += time.perf_counter() - t0
+            # rho follows the global optimizer step; class dropout + perturbation happen inside.
+            loss, m = objective(engine, tokens, labels, codebook, step=step, generator=gen)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps optimizer + LambdaLR only at the accumulation boundary
+            sums += torch.stack([loss.detach().float().cpu()] + [m[k].float().cpu() for k in keys[1:]])
+            n_sum += 1
+        step += 1
+        samples_seen += global_batch
+        meter.steps += 1
+        meter.samples += global_batch
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            avg = sums.to(device if device.type == "cuda" else "cpu") / n_sum
+            dist.all_reduce(avg)
+            avg = (avg / world).tolist()
+            gn = engine.get_global_grad_norm()
+            rec = {"step": step, **dict(zip(keys, avg)), "rho": objective.rho(step - 1), "lr": lr,
+                   "grad_norm": float(gn) if gn is not None else None, **meter.summary(),
+                   "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch}
+            rec["data"] = getattr(loader, "stats", None)
+            logger.log_step(rec)
+            sums.zero_()
+            n_sum = 0
+        if t.sample_every and step % t.sample_every == 0:
+            png = build.sample_grid(engine.module, tokenizer, cfg, step, t.out_dir, rank, stage)
+            if png:
+                logger.log_image(png, step)
+        stopped = signals.stop_requested()
+        if stopped or step % t.ckpt_every == 0 or step == t.max_steps:
+            ok = save_checkpoint()
+            if not ok and (stopped or step == t.max_steps):
+                log.error("the final checkpoint could not be written; exiting with an error")
+                logger.close()
+                return signals.EXIT_ERROR
+        if stopped:
+            log.warning("stopped by signal at step %d after writing the checkpoint; exit %d", step,
+                        signals.EXIT_PREEMPTED)
+            break
+
+    logger.write({"event": "stop" if stopped else "finished", "step": step})
+    logger.close()
+    dist.barrier()
+    return signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

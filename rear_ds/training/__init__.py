@@ -1,0 +1,10 @@
+"""Training machinery for ``rear_ds/train.py``: one small module per idea.
+
+launch_env   rank / world size from deepspeed, torchrun or Slurm; process-group init with a timeout
+ds_config    the DeepSpeed JSON: "auto" values filled from the YAML, batch and precision checks
+optim        AdamW with the reference weight-decay groups, warmup + cosine LambdaLR
+checkpoint   complete-or-ignored checkpoints, RNG/data state, resume (also universal), keep-last-k
+signals      SIGTERM / SIGUSR1 -> checkpoint at the next step boundary, exit 75
+metrics      console, log.jsonl, W&B (offline unless configured), throughput / MFU, sample grids
+preflight    config checks that must fail before any model is built or data is read
+"""

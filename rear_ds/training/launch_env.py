@@ -1,0 +1,102 @@
+"""Where am I? Rank, local rank and world size under the deepspeed launcher, torchrun or srun.
+
+The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+Under ``srun`` (no launcher, one task per process) only SLURM_* variables exist: we translate them so
+that ``torch.distributed`` can rendezvous over TCP with no ssh between nodes. The master address is
+the first host of SLURM_JOB_NODELIST (``scontrol show hostnames``, or our own parser when scontrol
+is not on PATH); the port is derived from the job id so that two jobs on one node do not collide.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # "deepspeed/torchrun", "slurm" or "single"
+
+
+def expand_nodelist(nodelist: str) -> list:
+    """``"node[01-03,07],gpu5"`` -> ``["node01", "node02", "node03", "node07", "gpu5"]`` (no scontrol)."""
+    hosts, depth, token = [], 0, ""
+    parts = []
+    for ch in nodelist:  # split on commas outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(token)
+            token = ""
+        else:
+            token += ch
+    parts.append(token)
+    for part in filter(None, parts):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass  # scontrol missing or failing: parse the list ourselves
+    return expand_nodelist(nodelist)[0]
+
+
+def detect() -> LaunchEnv:
+    """Read the launcher's variables; under plain srun, export the ones torch.distributed needs."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                         "deepspeed/torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST",
+                                                                                       "127.0.0.1"))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_SIZE=env.get(
+            "SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        return LaunchEnv(rank, local, world, "slurm")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29512")
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return LaunchEnv(0, 0, 1, "single")
+
+
+def init_distributed(launch: LaunchEnv, timeout_s: int):
+    """Start the process group: nccl on GPUs, gloo on the CPU. A dead or hung peer fails a collective
+    after ``timeout_s`` instead of blocking forever. Returns the torch device of this process."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        device = torch.device(acc.device_name())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return device

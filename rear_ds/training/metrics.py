@@ -1,0 +1,171 @@
+"""What a run reports: console lines, ``log.jsonl`` in the run folder, and Weights & Biases.
+
+W&B never needs the network unless it is configured: ``wandb.mode`` (or the WANDB_MODE variable, which
+wins) chooses; with neither, it is "online" only if an API key is configured, else "offline". The run id is
+stored in ``<out_dir>/wandb_id`` and reused on resume, so a requeued job continues the same W&B run.
+Only rank 0 logs; every number is already reduced over ranks by the caller.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("rear_ds")
+
+# Dense bf16 TFLOP/s per accelerator (no sparsity); matched as substrings of the device name.
+PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "B100": 1750.0,
+    "A100": 312.0, "A800": 312.0, "A6000": 154.8, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "A10": 125.0, "V100": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "MI300X": 1307.0, "MI250X": 383.0,
+}
+
+
+def peak_tflops(override: float) -> Optional[float]:
+    """Per-device peak, or None where unknown (the CPU: MFU is then reported as null)."""
+    if override > 0:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "GH200" before "H200", "L40S" before "L40"
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def wandb_mode(cfg_mode: str) -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if cfg_mode:
+        return cfg_mode
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.isfile(os.path.expanduser("~/.netrc")) and \
+        "api.wandb.ai" in open(os.path.expanduser("~/.netrc")).read()
+    return "online" if has_key else "offline"
+
+
+class RunLogger:
+    """Rank 0 only (other ranks get a RunLogger with enabled=False that does nothing)."""
+
+    def __init__(self, out_dir: str, cfg, enabled: bool, run_info: dict):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.wandb = None
+        self.wandb_id: Optional[str] = None
+        if not enabled:
+            return
+        self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a", buffering=1)
+        self.write({"event": "start", **run_info})
+        if cfg.wandb.enabled:
+            import wandb
+
+            id_file = os.path.join(out_dir, "wandb_id")
+            if os.path.isfile(id_file):
+                self.wandb_id = open(id_file).read().strip()
+            else:
+                self.wandb_id = uuid.uuid4().hex[:12]
+                with open(id_file, "w") as f:
+                    f.write(self.wandb_id + "\n")
+            mode = wandb_mode(cfg.wandb.mode)
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.run_name or None, id=self.wandb_id,
+                                    resume="allow", mode=mode, dir=out_dir, config=cfg.to_dict())
+            self.wandb.summary.update({k: v for k, v in run_info.items() if not isinstance(v, (dict, list))})
+            log.info("W&B run %s (%s mode)", self.wandb_id, mode)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps(record) + "\n")
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.write(record)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
+                           step=record["step"])
+        parts = [f"step {record['step']}"]
+        for k, fmt in (("loss", ".4f"), ("ce", ".4f"), ("enc_align", ".4f"), ("dec_align", ".4f"),
+                       ("token_acc", ".3f"), ("rho", ".3f"), ("lr", ".2e"), ("grad_norm", ".3f"),
+                       ("samples_per_s", ".1f"), ("tflops", ".2f"), ("mfu", ".3f"), ("data_wait_frac", ".2f"),
+                       ("step_time_s", ".3f"), ("peak_mem_gb", ".2f"), ("epochs", ".4f")):
+            v = record.get(k)
+            if v is not None:
+                parts.append(f"{k} {v:{fmt}}")
+        log.info(" | ".join(parts))
+
+    def log_image(self, path: str, step: int) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+class Throughput:
+    """Accumulates step time, time spent waiting for data, and samples over one log interval."""
+
+    def __init__(self, flops_per_sample: float, tokens_per_sample: int, world_size: int, peak: Optional[float]):
+        self.flops_per_sample = flops_per_sample
+        self.tokens_per_sample = tokens_per_sample
+        self.world_size = world_size
+        self.peak = peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.data_s = 0.0
+        self.steps = 0
+        self.samples = 0
+
+    def summary(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        sps = self.samples / dt
+        tflops = sps * self.flops_per_sample / 1e12 / self.world_size  # per device
+        out = {
+            "samples_per_s": sps,
+            "tokens_per_s": sps * self.tokens_per_sample,
+            "tflops": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "step_time_s": dt / max(self.steps, 1),
+            "data_wait_frac": self.data_s / dt,
+            "peak_mem_gb": peak_memory_gb(),
+        }
+        self.reset()
+        return out
+
+
+def peak_memory_gb() -> Optional[float]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    try:  # the CPU: this process's peak resident set size
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    except Exception:
+        return None
+
+
+def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:
+    """(B, 3, H, W) in [0, 1] -> one PNG grid (uint8 by truncation, as the reference sampler)."""
+    from PIL import Image
+
+    B, _, H, W = images.shape
+    ncol = min(ncol, B)
+    nrow = (B + ncol - 1) // ncol
+    grid = torch.zeros(3, nrow * H, ncol * W)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i].float().cpu()
+    arr = (grid.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)

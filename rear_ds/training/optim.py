@@ -1,0 +1,73 @@
+"""AdamW with the reference weight-decay groups, and warmup + cosine counted in optimizer steps.
+
+Weight decay (spec section 5): a parameter gets NO decay if it is 1-D or its name contains any of
+NO_DECAY_SUBSTRINGS (case-sensitive). That notably exempts ``adaln_before_head.*`` ("ln") while the
+blocks' adaLN weights decay, and decays ``cls_token`` (3-D, no excluded substring), as the reference does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger("rear_ds")
+
+NO_DECAY_SUBSTRINGS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed")
+
+
+def _ndim(p: torch.nn.Parameter) -> int:
+    # Under ZeRO-3 a parameter is partitioned at construction and looks 1-D; ds_shape is its real shape.
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+
+
+def no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return _ndim(p) == 1 or any(s in name for s in NO_DECAY_SUBSTRINGS)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (skip if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, offload: bool):
+    """Returns (optimizer, implementation name). Fused Adam on GPUs, DeepSpeedCPUAdam with ZeRO offload,
+    torch AdamW otherwise (the CPU). All are AdamW (decoupled weight decay) with the same hyper-parameters."""
+    groups = param_groups(model, cfg.weight_decay)
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw), "deepspeed.ops.adam.DeepSpeedCPUAdam"
+    if device.type == "cuda":
+        try:  # the user's apex build, if present, is preferred
+            from apex.optimizers import FusedAdam as ApexFusedAdam
+
+            return ApexFusedAdam(groups, adam_w_mode=True, **kw), "apex.optimizers.FusedAdam"
+        except Exception:
+            pass
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw), "deepspeed.ops.adam.FusedAdam"
+        except Exception as e:  # e.g. the op cannot be built on this machine
+            log.warning("FusedAdam unavailable (%s); falling back to torch.optim.AdamW(fused=True)", e)
+            return torch.optim.AdamW(groups, fused=True, **kw), "torch.optim.AdamW(fused)"
+    return torch.optim.AdamW(groups, **kw), "torch.optim.AdamW"
+
+
+def lr_lambda(step: int, warmup: int, total: int, base: float, end: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (spec section 5)."""
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * progress))) / base
+
+
+def build_scheduler(optimizer, cfg):
+    """A LambdaLR stepped exactly once per optimizer step (DeepSpeed does this when handed the scheduler)."""
+    fn = lambda s: lr_lambda(s, cfg.warmup_steps, cfg.total_steps, cfg.lr, cfg.end_lr)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
