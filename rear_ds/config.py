@@ -217,6 +217,12 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0 = look up the accelerator in the built-in table
     images_per_epoch: int = 1_281_167  # for "ImageNet-equivalent epochs" in the log
     collective_timeout_s: int = 600
+    # In-training FID (rear_ds/training/eval_hook.py): every eval_every steps, eval_num_samples images scored
+    # against precomputed reference statistics (python -m rear_ds.evaluation.ref_stats). 0 = off.
+    eval_every: int = 0
+    eval_num_samples: int = 1000
+    eval_ref_stats: str = ""
+    eval_inception_weights: str = ""  # "" = $REAR_INCEPTION_WEIGHTS
     # (training helper) Build the tokenizer with random weights when tokenizer.weights is "": its codebook
     # then gives meaningless alignment targets, so this is for tests and toy runs only.
     allow_random_tokenizer: bool = False
@@ -226,6 +232,12 @@ class TrainConfig:
                   "ckpt_every", "keep_last", "checkpoint_every_k", "collective_timeout_s")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'bf16', 'fp16' or 'fp32'")
+        if self.eval_every < 0 or self.eval_num_samples < 2:
+            raise ConfigError(f"{prefix}.eval_every must be >= 0 and {prefix}.eval_num_samples >= 2")
+        if self.eval_every and not os.path.isfile(self.eval_ref_stats):
+            raise ConfigError(f"{prefix}.eval_every={self.eval_every} needs {prefix}.eval_ref_stats: reference "
+                              f"statistics file {self.eval_ref_stats!r} does not exist (make it with "
+                              "`python -m rear_ds.evaluation.ref_stats`)")
         if self.activation_checkpointing not in ("off", "all", "every_k"):
             raise ConfigError(f"{prefix}.activation_checkpointing={self.activation_checkpointing!r}: "
                               "expected 'off', 'all' or 'every_k'")

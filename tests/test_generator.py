@@ -83,7 +83,7 @@ def test_init(tiny_cfg):
     x, cond = m._embed(torch.cat([ids[:, None], toks], 1), 0, ids, with_cls=True)
     h = x
     for blk in m.blocks:
-        h = blk(h, cond)
+        h = blk(h, torch.nn.functional.silu(cond))
     torch.testing.assert_close(h, x)
 
 
@@ -120,7 +120,7 @@ def test_final_layer_chunk_order(tiny_model):
         fl.adaLN_modulation[1].weight.zero_()
         fl.adaLN_modulation[1].bias.copy_(torch.cat([torch.full((D,), 2.0), torch.full((D,), 5.0)]))
     x = torch.randn(1, 3, D)
-    out = fl(x, torch.zeros(1, 3, D))
+    out = fl(x, torch.nn.functional.silu(torch.zeros(1, 3, D)))
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (D,), eps=1e-6) * 3.0 + 5.0)
 
 
@@ -139,7 +139,7 @@ def test_logits_and_align_slices(tiny_model):
     torch.testing.assert_close(enc, m.encode_align_mlp(outs["e"])[:, 2:N + 2])
     torch.testing.assert_close(dec, m.decode_align_mlp(outs["d"])[:, 1:N + 1])
     _, cond = m._embed(torch.cat([cid[:, None], toks], 1), 0, cid, with_cls=True)
-    ref = m.lm_head(m.adaln_before_head(outs["last"], cond))[:, 1:N + 1]
+    ref = m.lm_head(m.adaln_before_head(outs["last"], torch.nn.functional.silu(cond)))[:, 1:N + 1]
     torch.testing.assert_close(logits, ref)
 
 

@@ -105,7 +105,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # QK-norm; cast back so the attention kernel sees one dtype (a fused LayerNorm may return fp32).
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         dropout_p = self.attn_dropout if self.training else 0.0
         if cache is None:
             # Training / full recompute: the fused causal kernel, no materialised L x L mask.
@@ -152,9 +153,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ZeroLinear(D, 6 * D))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, cache: Optional[KVCache] = None,
                 layer: int = 0) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).chunk(6, dim=-1)
+        # silu_cond = SiLU(c_p), computed once for all blocks; adaLN_modulation[0] is that SiLU (kept for the
+        # checkpoint layout, where the Linear is index 1).
+        mod = self.adaLN_modulation[1](silu_cond)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache, layer)
         x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
         return x
@@ -169,8 +173,8 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=1e-6, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ZeroLinear(D, 2 * D))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.adaLN_modulation(cond).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, silu_cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.adaLN_modulation[1](silu_cond).chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -279,6 +283,7 @@ class ReARGenerator(nn.Module):
             raise ValueError("alignment features requested from a generator built without align heads")
         ids = torch.cat([class_ids[:, None], image_tokens], dim=1)
         x, cond = self._embed(ids, 0, class_ids, with_cls=True)
+        cond = F.silu(cond)
         enc = dec = None
         for i, block in enumerate(self.blocks):
             if i in self._checkpointed and torch.is_grad_enabled():
@@ -312,6 +317,7 @@ class ReARGenerator(nn.Module):
             x, cond = self._embed(class_ids[:, None], 0, class_ids, with_cls=True)
         else:
             x, cond = self._embed(new_tokens, cache.length, class_ids, with_cls=False)
+        cond = F.silu(cond)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, cache, layer=i)
         cache.length += x.shape[1]

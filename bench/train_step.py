@@ -1,0 +1,199 @@
+"""Training-step throughput and activation memory: rear_ds's generator + objective vs the eager reference."""
+from __future__ import annotations
+
+import gc
+from typing import Optional
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from rear_ds.config import ModelConfig, ObjectiveConfig
+from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
+from rear_ds.objective import ReARObjective
+
+from .common import autocast, peak_tflops, sync, time_fn
+from .eager_reference import EagerReAR, eager_loss
+
+
+def _optimizer(model: torch.nn.Module, device: torch.device):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.03}, {"params": rest, "weight_decay": 0.0}]
+    kw = dict(lr=1e-4, betas=(0.9, 0.96), eps=1e-8)
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, fused=True, **kw), "torch.optim.AdamW(fused=True)"
+    return torch.optim.AdamW(groups, **kw), "torch.optim.AdamW(foreach)"
+
+
+class StepRunner:
+    """One training step (zero_grad, forward + full reAR loss under autocast, backward, clip, AdamW)."""
+
+    def __init__(self, impl: str, cfg: ModelConfig, batch: int, device: torch.device, precision: str = "bf16",
+                 ckpt: str = "off", seed: int = 0, compile_blocks: bool = False):
+        torch.manual_seed(seed)
+        self.impl, self.cfg, self.batch, self.device, self.precision = impl, cfg, batch, device, precision
+        self.ocfg = ObjectiveConfig()  # full loss: noisy context, encode + decode alignment, class dropout
+        if impl == "rear":
+            with torch.device(device):  # initialise on the device (fast for the big sizes on a GPU)
+                self.model = ReARGenerator(cfg)
+            self.model.set_activation_checkpointing(ckpt)
+            if compile_blocks:
+                for i, blk in enumerate(self.model.blocks):
+                    self.model.blocks[i] = torch.compile(blk)
+            self.objective = ReARObjective(self.ocfg, cfg)
+        elif impl == "eager":
+            if ckpt != "off":
+                raise ValueError("the eager reference has no activation checkpointing")
+            with torch.device(device):
+                self.model = EagerReAR(cfg)
+        else:
+            raise ValueError(impl)
+        self.model.train()
+        self.opt, self.opt_name = _optimizer(self.model, device)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=g).to(device)
+        self.labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+        self.codebook = torch.randn(cfg.codebook_size, cfg.align_z_dim, generator=g).to(device)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.step_no = 0
+
+    def loss(self):
+        with autocast(self.device, self.precision):
+            if self.impl == "rear":
+                loss, _ = self.objective(self.model, self.tokens, self.labels, self.codebook, step=self.step_no,
+                                         generator=self.gen)
+            else:
+                loss = eager_loss(self.model, self.ocfg, self.tokens, self.labels, self.codebook,
+                                  rho=1.0, generator=self.gen)
+        return loss
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step_no += 1  # no .item(): no host-device sync inside the step
+
+
+def bench_train(impl: str, size: str, cfg: ModelConfig, batch: int, device: torch.device, ckpt: str = "off",
+                warmup: int = 1, repeats: int = 3, precision: str = "bf16", compile_blocks: bool = False) -> dict:
+    r = StepRunner(impl, cfg, batch, device, precision, ckpt, compile_blocks=compile_blocks)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time_fn(r.step, device, warmup, repeats)
+    fps = flops_per_sample(cfg, include_align=True, training=True)
+    sps = batch / t["median_s"]
+    peak = peak_tflops(device)
+    tflops = fps * sps / 1e12
+    out = {
+        "impl": impl, "size": size, "batch": batch, "ckpt": ckpt, "precision": precision,
+        "compile_blocks": compile_blocks, "optimizer": r.opt_name,
+        "params_total": sum(p.numel() for p in r.model.parameters()),
+        "params_inference": count_parameters(cfg),
+        "flops_per_sample": fps, "step_time": t,
+        "samples_per_s": sps, "tokens_per_s": sps * cfg.seq_len,
+        "achieved_tflops": tflops, "mfu": (tflops / peak) if peak else None,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    del r
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_weight_cast(t: torch.Tensor) -> bool:
+    """An autocast copy of a parameter (bf16 weight, possibly seen through a transpose/view), which the
+    autocast cache holds anyway: not an activation."""
+    fn = t.grad_fn
+    for _ in range(4):  # walk back through single-input view ops (TBackward0, ViewBackward0, ...)
+        if fn is None:
+            return False
+        if type(fn).__name__ == "ToCopyBackward0":
+            return any(n is not None and type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions)
+        nxt = [n for n, _ in fn.next_functions if n is not None]
+        if len(nxt) != 1 or not type(fn).__name__.endswith(("TBackward0", "ViewBackward0", "TransposeBackward0",
+                                                             "PermuteBackward0", "ExpandBackward0")):
+            return False
+        fn = nxt[0]
+    return False
+
+
+def saved_activation_bytes(runner: StepRunner) -> dict:
+    """Bytes of the distinct storages autograd keeps for backward after one forward + loss (CPU method).
+
+    Counted with saved_tensors_hooks, deduplicated by storage; parameters and autocast weight copies are
+    excluded (reported separately). Non-reentrant checkpointing keeps the inputs of each checkpointed block
+    (outside the hooks' view): they are added through forward pre-hooks."""
+    model = runner.model
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    acts: dict = {}
+    casts: dict = {}
+
+    def record(t: torch.Tensor, into: dict):
+        try:
+            st = t.untyped_storage()
+        except Exception:  # e.g. a tensor subclass without storage
+            return
+        if st.data_ptr() in param_ptrs or st.nbytes() == 0:
+            return
+        into[st.data_ptr()] = st.nbytes()
+
+    def pack(t):
+        record(t, casts if _is_weight_cast(t) else acts)
+        return t
+
+    handles = []
+    ckpt_set = getattr(model, "_checkpointed", set())
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        if i in ckpt_set:
+            handles.append(blk.register_forward_pre_hook(
+                lambda mod, args: [record(a, acts) for a in args if isinstance(a, torch.Tensor)] and None))
+    runner.opt.zero_grad(set_to_none=True)
+    with saved_tensors_hooks(pack, lambda t: t):
+        loss = runner.loss()
+    for h in handles:
+        h.remove()
+    del loss
+    gc.collect()
+    return {"activation_bytes": sum(acts.values()), "weight_cast_bytes": sum(casts.values()),
+            "method": "saved_tensors_hooks (distinct storages, params and autocast weight casts excluded)"}
+
+
+def gpu_activation_bytes(runner: StepRunner) -> dict:
+    """Peak allocated during forward + backward minus what was allocated before it (params, grads, opt state)."""
+    dev = runner.device
+    runner.step()  # optimizer state exists
+    runner.opt.zero_grad(set_to_none=True)
+    sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    loss = runner.loss()
+    loss.backward()
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev)
+    runner.opt.zero_grad(set_to_none=True)
+    del loss
+    return {"activation_bytes": peak - base, "peak_allocated_bytes": peak, "base_allocated_bytes": base,
+            "method": "torch.cuda.max_memory_allocated over forward+backward minus allocated before"}
+
+
+def bench_activation_memory(size: str, cfg: ModelConfig, batch: int, device: torch.device,
+                            modes=("off", "all"), precision: str = "bf16") -> dict:
+    res = {"size": size, "batch": batch, "precision": precision, "modes": {}}
+    for mode in modes:
+        r = StepRunner("rear", cfg, batch, device, precision, ckpt=mode)
+        m = gpu_activation_bytes(r) if device.type == "cuda" else saved_activation_bytes(r)
+        m["activation_bytes_per_sample"] = m["activation_bytes"] / batch
+        res["modes"][mode] = m
+        del r
+        gc.collect()
+    if "off" in res["modes"] and "all" in res["modes"]:
+        res["reduction_x"] = res["modes"]["off"]["activation_bytes"] / max(1, res["modes"]["all"]["activation_bytes"])
+    return res

@@ -1,0 +1,74 @@
+"""In-training evaluation: FID of a few generated images every ``train.eval_every`` steps.
+
+It reuses the evaluation path of ``python -m rear_ds.evaluate`` (rear_ds.evaluation.fid.evaluate_fid, the
+same Inception features and the same reference statistics file) so the number means the same thing; only N
+is smaller, which biases FID upwards, so compare runs at the same ``train.eval_num_samples``.
+
+Every rank generates an equal share (same number of forward calls, as ZeRO-3's parameter gathers require),
+decodes it, and rank 0 gathers the images, scores them and returns the FID; the other ranks return None.
+Sample indices and classes follow ``rear_ds.sample`` (sample i has class i % C), so the images are the
+ones the full sampler would draw for the first N indices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def _share(num_samples: int, rank: int, world: int) -> range:
+    """Indices of this rank; every rank gets the same count (the last ranks pad with repeats, dropped later)."""
+    per_rank = math.ceil(num_samples / world)
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+@torch.no_grad()
+def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) images for the given global sample indices (all ranks must call this together)."""
+    import deepspeed
+
+    from rear_ds.sampling import generate
+
+    device = model.pos_embed.device
+    C = cfg.model.num_classes
+    idx = torch.tensor(list(indices), dtype=torch.long)
+    labels = idx % C
+    rng = torch.get_rng_state()  # evaluation must not shift the training RNG stream
+    was_training = model.training
+    out = []
+    try:
+        own = list(model.parameters(recurse=False))  # root tables are read outside forward (ZeRO-3)
+        with deepspeed.zero.GatheredParameters(own, enabled=zero_stage == 3):
+            for start in range(0, len(idx), cfg.sampling.batch_size):
+                sl = slice(start, start + cfg.sampling.batch_size)
+                tokens = generate(model, labels[sl].to(device), idx[sl], cfg.sampling.seed, cfg.sampling)
+                images = tokenizer.decode(tokens.to(next(tokenizer.parameters()).device))
+                # As the reference: clamp to [0, 1], x255, truncate to uint8, HWC.
+                out.append((images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    return np.concatenate(out)
+
+
+def in_training_fid(model, tokenizer, cfg, rank: int, world: int, zero_stage: int) -> Optional[float]:
+    """FID of ``train.eval_num_samples`` samples against ``train.eval_ref_stats``; the value on rank 0, else None."""
+    from rear_ds.evaluation.fid import evaluate_fid
+
+    t = cfg.train
+    rng = torch.get_rng_state()  # neither sampling nor Inception may shift the training RNG stream
+    try:
+        images = generate_images(model, tokenizer, cfg, _share(t.eval_num_samples, rank, world), zero_stage)
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(images, gathered, dst=0)
+            if rank != 0:
+                return None
+            images = np.concatenate(gathered)
+        return evaluate_fid(images[: t.eval_num_samples], t.eval_ref_stats, t.eval_inception_weights or None)
+    finally:
+        torch.set_rng_state(rng)
