@@ -48,6 +48,10 @@ def fp32_state_dict(ckpt_dir: str, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = os.path.join(ckpt_dir, tag)
+    # DeepSpeed unpickles its checkpoint files in full: refuse any that would import code (see checkpoint.py).
+    from rear_ds.training.checkpoint import verify_no_code
+
+    verify_no_code(folder)
     if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(folder)):
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     else:  # no ZeRO partitions: the module weights are whole in the model states file

@@ -57,15 +57,32 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, need_data=True)
         preflight.check_paths(cfg)
+        preflight.check_data(cfg)
+        preflight.check_resume(cfg)
         ds_cfg = dsc.resolve(dsc.load_json(args.deepspeed_config), cfg, env.world_size, args.deepspeed_config)
     except ConfigError as e:
         log.error("config error: %s", e)
         return signals.EXIT_ERROR
     try:
         return train(cfg, ds_cfg, env)
-    except Exception:
+    except Exception as e:
         log.exception("training failed on rank %d", env.rank)
+        if env.world_size > 1:  # a timed-out or broken collective: say which peer stopped, if we can tell
+            peers = launch_env.describe_peers(cfg.train.out_dir, env.rank, env.world_size)
+            if peers:
+                log.error("rank %d (%s: %s): state of the other ranks: %s", env.rank, type(e).__name__,
+                          str(e).splitlines()[0][:200] if str(e) else "", peers)
         return signals.EXIT_ERROR
+
+
+def survival_summary(cfg) -> str:
+    """One line: what this run survives and how (see README, "What survives what")."""
+    t = cfg.train
+    return (f"survives: kill/crash -> relaunch resumes from the last complete checkpoint (every {t.ckpt_every} "
+            f"steps, keep {t.keep_last}); SIGTERM/SIGUSR1 -> checkpoint + exit {signals.EXIT_PREEMPTED}; "
+            f"disk full -> checkpoint skipped, training goes on (exit {signals.EXIT_ERROR} if it was the final one); "
+            f"corrupt shard -> {'skipped and counted' if cfg.data.on_corrupt_shard == 'skip' else 'error'}; "
+            f"dead/hung rank -> collective timeout {t.collective_timeout_s} s, exit {signals.EXIT_ERROR}")
 
 
 def train(cfg, ds_cfg: dict, env) -> int:
@@ -75,7 +92,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     from rear_ds.data.reader import build_train_loader
     from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
     from rear_ds.objective import ReARObjective
-    from rear_ds.training import build, checkpoint as ckpt, metrics, optim
+    from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
     device = launch_env.init_distributed(env, cfg.train.collective_timeout_s)
     signals.install()
@@ -86,10 +103,13 @@ def train(cfg, ds_cfg: dict, env) -> int:
         save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
         ckpt.clean_partial(ckpt_dir)
     dist.barrier()
+    heartbeat = launch_env.Heartbeat(t.out_dir, rank)
 
     # 2. Where do we start? A different process count goes through a universal checkpoint.
     resume = ckpt.find_resume(ckpt_dir)
     load_tag = resume.tag if resume else None
+    if resume:  # DeepSpeed unpickles with weights_only=False: refuse files that would run code
+        ckpt.verify_no_code(os.path.join(ckpt_dir, resume.tag))
     if resume and resume.world_size != world:
         load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
@@ -147,14 +167,16 @@ def train(cfg, ds_cfg: dict, env) -> int:
                 "precision": t.precision, "layernorm_impl": LAYERNORM_IMPL, "optimizer_impl": opt_impl,
                 "params": count_parameters(cfg.model, include_align=True), "flops_per_sample": flops,
                 "global_batch": global_batch, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
-                "resumed_from": load_tag, "start_step": step}
+                "resumed_from": load_tag, "start_step": step, "reliability": survival_summary(cfg)}
     logger = metrics.RunLogger(t.out_dir, cfg, rank == 0, run_info)
     if rank == 0:
         log.info("run: %s", run_info)
+        log.info("%s", run_info["reliability"])
     wandb_id = logger.wandb_id or wandb_id
     meter = metrics.Throughput(flops, cfg.model.num_tokens, world, metrics.peak_tflops(t.peak_tflops))
     keys = ("loss", "ce", "enc_align", "dec_align", "token_acc", "noise_frac")
-    sums, n_sum = torch.zeros(len(keys)), 0
+    sums, n_sum = torch.zeros(len(keys), device=device), 0  # on the device: no host sync until log time
+    corrupt = lambda: float(getattr(loader, "stats", {}).get("corrupt_shards_skipped", 0))  # noqa: E731
 
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
@@ -179,32 +201,33 @@ def train(cfg, ds_cfg: dict, env) -> int:
         lr = scheduler.get_last_lr()[0]
         for _ in range(t.grad_accum):
             t0 = time.perf_counter()
-            # The reader's DataLoader draws a seed from the global torch RNG whenever it (re)starts its
-            # iterator (e.g. right after a resume); isolate that so the global RNG drives dropout only.
-            with torch.random.fork_rng(devices=[]):
-                tokens, labels = next(loader)
+            tokens, labels = next(loader)  # its DataLoader has its own generator: the global RNG is dropout's
             tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             meter.data_s += time.perf_counter() - t0
             # rho follows the global optimizer step; class dropout + perturbation happen inside.
             loss, m = objective(engine, tokens, labels, codebook, step=step, generator=gen)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps optimizer + LambdaLR only at the accumulation boundary
-            sums += torch.stack([loss.detach().float().cpu()] + [m[k].float().cpu() for k in keys[1:]])
+            sums += torch.stack([loss.detach().float()] + [m[k].float().to(device) for k in keys[1:]])
             n_sum += 1
         step += 1
+        heartbeat.beat(step)
         samples_seen += global_batch
         meter.steps += 1
         meter.samples += global_batch
 
         if step % t.log_every == 0 or step == t.max_steps:
-            avg = sums.to(device if device.type == "cuda" else "cpu") / n_sum
+            avg = torch.cat([sums.cpu() / n_sum, torch.tensor([corrupt() * world])])  # ranks' shards are disjoint
+            avg = avg.to(device if device.type == "cuda" else "cpu")
             dist.all_reduce(avg)
             avg = (avg / world).tolist()
+            corrupt_total = int(round(avg.pop()))
             gn = engine.get_global_grad_norm()
             rec = {"step": step, **dict(zip(keys, avg)), "rho": objective.rho(step - 1), "lr": lr,
                    "grad_norm": float(gn) if gn is not None else None, **meter.summary(),
                    "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch}
-            rec["data"] = getattr(loader, "stats", None)
+            rec["data"] = getattr(loader, "stats", None)  # rank 0's reader
+            rec["corrupt_shards_skipped"] = corrupt_total  # all ranks
             logger.log_step(rec)
             sums.zero_()
             n_sum = 0
@@ -212,6 +235,11 @@ def train(cfg, ds_cfg: dict, env) -> int:
             png = build.sample_grid(engine.module, tokenizer, cfg, step, t.out_dir, rank, stage)
             if png:
                 logger.log_image(png, step)
+        if t.eval_every and step % t.eval_every == 0:  # small-N FID through the evaluation code path
+            fid = eval_hook.in_training_fid(engine.module, tokenizer, cfg, rank, world, stage)
+            if rank == 0:
+                log.info("step %d | in-training FID (%d samples) %.3f", step, t.eval_num_samples, fid)
+                logger.log_step({"step": step, f"fid_{t.eval_num_samples}": fid})
         stopped = signals.stop_requested()
         if stopped or step % t.ckpt_every == 0 or step == t.max_steps:
             ok = save_checkpoint()

@@ -221,7 +221,11 @@ class TrainLoader:
             ds = _Stream(self.source, self.units, self.cfg, self.seed, self.rank, self.workers, self.batch,
                          self.states, rotation=self.consumed % self.workers)
             nw = self.cfg.num_workers
-            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
+            # Its own generator: starting an iterator draws a base seed, which must not come from (and shift)
+            # the trainer's global torch RNG; seeded by (seed, rank, position) so a resume draws the same one.
+            gen = torch.Generator()
+            gen.manual_seed(int(_rng(self.seed, self.consumed, self.rank, 0, 2).integers(2 ** 62)))
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, generator=gen,
                                              persistent_workers=False, prefetch_factor=2 if nw else None)
             self._it = iter(dl)
         tokens, labels, w, state = next(self._it)

@@ -14,6 +14,11 @@ The client state holds the optimizer step, samples seen, the W&B run id, ``unive
 (needed by ds_to_universal) and, gathered from every rank, its RNG states (python, numpy, torch, cuda,
 the objective's generator) and its data reader position. DeepSpeed writes the client state from rank 0
 only, which is why the per-rank parts are gathered first.
+
+Saving never leaves ranks in different collectives: every rank first checks the free space for the new
+checkpoint (all ranks agree to skip it if one lacks room), DeepSpeed's writes record errors instead of raising
+(so a failing rank walks through the same collectives as the others), and the ranks agree on the outcome.
+Resuming hands files to DeepSpeed's ``torch.load(weights_only=False)`` only after :func:`verify_no_code`.
 """
 from __future__ import annotations
 
@@ -137,6 +142,57 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Trust boundary: DeepSpeed unpickles checkpoints with torch.load(weights_only=False)
+# --------------------------------------------------------------------------------------
+
+# Classes DeepSpeed 0.19 itself pickles into checkpoints (besides what torch's weights-only unpickler allows);
+# each is rebuilt from plain data (an Enum value, an attribute dict, dataclass fields), so referencing them runs
+# no code. Checked against checkpoints of every ZeRO stage, bf16 and fp16, with and without offload.
+DEEPSPEED_SAFE_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",  # a dataclass (numel, start) in ZeRO-1/2 optimizer states
+    "torch.torch_version.TorchVersion",
+})
+
+
+class CheckpointSecurityError(RuntimeError):
+    """A checkpoint file references code (pickle globals) that a checkpoint written by rear_ds never does."""
+
+
+def verify_no_code(tag_dir: str) -> None:
+    """Refuse a checkpoint folder whose ``*.pt`` files would run code when unpickled.
+
+    DeepSpeed's ``load_checkpoint`` (and ds_to_universal, zero_to_fp32) call ``torch.load(weights_only=False)``,
+    i.e. full pickle. Before handing a folder to them, every pickle in it is scanned (opcodes only, no object
+    is built, no tensor data read) for the globals it would import; anything outside torch's weights-only set
+    and :data:`DEEPSPEED_SAFE_GLOBALS` (for example ``os.system``, ``builtins.exec``) is refused, naming the file."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for root, _, files in os.walk(tag_dir):
+        for name in sorted(files):
+            if not name.endswith((".pt", ".pth", ".bin")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                bad = [g for g in get_unsafe_globals_in_checkpoint(path) if g not in DEEPSPEED_SAFE_GLOBALS]
+            except Exception as e:  # not a torch zip file, a malformed pickle, ...
+                raise CheckpointSecurityError(f"checkpoint file {path} cannot be checked safely ({e}); refusing "
+                                              "to unpickle it") from None
+            if bad and os.environ.get("REAR_TRUST_CHECKPOINT_PICKLES") == "1":
+                log.warning("checkpoint file %s references %s; loading it anyway (REAR_TRUST_CHECKPOINT_PICKLES=1)",
+                            path, ", ".join(bad[:5]))
+            elif bad:
+                raise CheckpointSecurityError(
+                    f"checkpoint file {path} references code ({', '.join(bad[:5])}): a checkpoint written by "
+                    "rear_ds never does. Refusing to load it (DeepSpeed would unpickle it with "
+                    "weights_only=False); only resume from checkpoints you wrote yourself. If you did write it "
+                    "(e.g. with another DeepSpeed version that pickles a new class), set "
+                    "REAR_TRUST_CHECKPOINT_PICKLES=1 to load it anyway.")
+
+
+# --------------------------------------------------------------------------------------
 # Per-rank state: RNGs
 # --------------------------------------------------------------------------------------
 
@@ -176,58 +232,132 @@ def gather_rank_states(local: dict) -> list:
 # --------------------------------------------------------------------------------------
 
 
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _gather_problems(problem: Optional[str]) -> list:
+    """Every rank's problem (None = fine) on every rank: one collective, so all ranks take the same branch."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, problem)
+    return [f"rank {r}: {p}" for r, p in enumerate(out) if p]
+
+
+def _describe(error: OSError) -> str:
+    why = ("no space left on device" if error.errno == errno.ENOSPC
+           else f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror or error}")
+    return f"{why} ({getattr(error, 'filename', None) or error})"
+
+
+SPACE_MARGIN = 1.25  # free space needed = margin x the estimated size of the new checkpoint
+
+
+def estimate_bytes(ckpt_dir: str, num_params: int) -> tuple:
+    """(bytes, how) the next checkpoint will take on this filesystem: the previous complete checkpoint's size,
+    or, for the first one, 16 bytes per parameter (fp32 master weights + two Adam moments + 16-bit weights).
+    Every rank of the job is assumed to write to the same filesystem (the usual shared checkpoint folder)."""
+    tags = complete_tags(ckpt_dir)
+    if tags:
+        prev = os.path.join(ckpt_dir, tags[-1])
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(prev) for f in fs)
+        return total, f"size of the previous checkpoint {tags[-1]}"
+    return 16 * num_params, f"16 bytes x {num_params} parameters (first checkpoint)"
+
+
+def check_space(ckpt_dir: str, num_params: int) -> Optional[str]:
+    """None if the checkpoint folder's filesystem has room for the next checkpoint, else the reason."""
+    need, how = estimate_bytes(ckpt_dir, num_params)
+    need = int(need * SPACE_MARGIN)
+    free = shutil.disk_usage(ckpt_dir).free
+    if free >= need:
+        return None
+    return (f"only {free / 1e9:.3f} GB free in {ckpt_dir}, the checkpoint needs about {need / 1e9:.3f} GB "
+            f"({how} x margin {SPACE_MARGIN})")
+
+
+class _DeferredWriteErrors:
+    """Make DeepSpeed's file writes (all go through ``engine.checkpoint_engine.save``) record an OSError instead
+    of raising it, so that a rank whose write fails still walks through every collective of save_checkpoint
+    (ZeRO-3 has several) exactly like the others; the ranks agree on the failure afterwards."""
+
+    def __init__(self, engine):
+        self.ce = getattr(engine, "checkpoint_engine", None)
+        self.errors: list = []
+
+    def __enter__(self):
+        if self.ce is not None:
+            real = self.ce.save
+
+            def guarded(state_dict, path, *a, **kw):
+                if self.errors:
+                    return None  # this checkpoint is lost already: do not fill the disk further
+                try:
+                    return real(state_dict, path, *a, **kw)
+                except OSError as e:
+                    self.errors.append(e)
+                    return None
+
+            self.ce.save = guarded
+        return self
+
+    def __exit__(self, *exc):
+        if self.ce is not None:
+            self.ce.__dict__.pop("save", None)  # back to the class method
+        return False
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, meta: dict, config_json: str,
          keep_last: int) -> bool:
     """Write checkpoint ``step_<step>`` on all ranks; commit it (COMPLETE, then ``latest``) only if every
-    rank succeeded. Returns False after a failed write (e.g. disk full): the partial folder is removed,
-    ``latest`` and the previous checkpoints are untouched, and the in-memory training state is unchanged
-    (saving only reads it), so training may go on."""
+    rank succeeded. Returns False (on every rank) when it was not written: when some rank's filesystem lacks
+    the space for it (checked first, nothing is written), or after a failed write (e.g. disk full): the partial
+    folder is removed, ``latest`` and the previous checkpoints are untouched, and the in-memory training state
+    is unchanged (saving only reads it), so training may go on. Every rank takes the same collectives whatever
+    fails where, so a failure never leaves ranks waiting for each other."""
     rank = dist.get_rank()
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
     if read_meta(path):
         return True  # already saved at this step (e.g. a periodic save right before the final one)
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    try:
+        problem = check_space(ckpt_dir, num_params)
+    except OSError as e:
+        problem = f"cannot check free space in {ckpt_dir}: {_describe(e)}"
+    problems = _gather_problems(problem)
+    if problems:
+        log.error("checkpoint %s SKIPPED, nothing written: %s. 'latest' still names the previous complete "
+                  "checkpoint and training state is unchanged; free some space.", path, "; ".join(problems))
+        return False
     if rank == 0 and os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)  # a partial leftover of an earlier attempt
     error: Optional[OSError] = None
     t0 = time.time()
-    try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    except OSError as e:
-        error = e
-        # DeepSpeed ends save_checkpoint with a barrier that this rank skipped by raising; join it so the
-        # other ranks are not left waiting, then agree below that the save failed.
-        dist.barrier()
-    failed = _any_rank(error is not None)
-    if not failed and rank == 0:
+    with _DeferredWriteErrors(engine) as deferred:
         try:
-            with open(os.path.join(path, "rear_config.json"), "w") as f:
-                f.write(config_json)
-            _fsync_write(os.path.join(path, COMPLETE), json.dumps({**meta, "step": step, "tag": tag,
-                                                                   "time": time.time()}))
-            _fsync_write(os.path.join(ckpt_dir, LATEST), tag + "\n")
+            engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
         except OSError as e:
+            # A write outside the checkpoint engine failed (e.g. makedirs). DeepSpeed ends save_checkpoint with
+            # a barrier that this rank skipped by raising; join it so the others are not left waiting.
             error = e
-            try:  # never leave a COMPLETE marker whose `latest` did not move
-                os.remove(os.path.join(path, COMPLETE))
-            except OSError:
-                pass
-    failed = _any_rank(error is not None)
-    if failed:
-        if error is not None:
-            why = ("no space left on device" if error.errno == errno.ENOSPC
-                   else f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror or error}")
-            log.error("rank %d: checkpoint %s could NOT be written (%s: %s). It is discarded; 'latest' still "
-                      "names the previous complete checkpoint and training state is unchanged.",
-                      rank, path, why, getattr(error, "filename", None) or error)
+            dist.barrier()
+    error = error or (deferred.errors[0] if deferred.errors else None)
+    problems = _gather_problems(_describe(error) if error else None)
+    if not problems:  # every rank wrote its part: rank 0 commits, and the ranks agree on how that went
+        commit_problem = None
+        if rank == 0:
+            try:
+                with open(os.path.join(path, "rear_config.json"), "w") as f:
+                    f.write(config_json)
+                _fsync_write(os.path.join(path, COMPLETE), json.dumps({**meta, "step": step, "tag": tag,
+                                                                       "time": time.time()}))
+                _fsync_write(os.path.join(ckpt_dir, LATEST), tag + "\n")
+            except OSError as e:
+                commit_problem = _describe(e)
+                try:  # never leave a COMPLETE marker whose `latest` did not move
+                    os.remove(os.path.join(path, COMPLETE))
+                except OSError:
+                    pass
+        problems = _gather_problems(commit_problem)
+    if problems:
+        log.error("checkpoint %s could NOT be written (%s). It is discarded; 'latest' still names the previous "
+                  "complete checkpoint and training state is unchanged.", path, "; ".join(problems))
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # free the space; it would be ignored anyway
         dist.barrier()

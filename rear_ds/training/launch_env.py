@@ -97,6 +97,85 @@ def init_distributed(launch: LaunchEnv, timeout_s: int):
     else:
         device = torch.device(acc.device_name())
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own groups (data-parallel, ZeRO) with dist.new_group(), which takes torch's module-wide
+    # default (30 min gloo, 10 min nccl), not the world group's: make that default ours too.
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return device
+
+
+# --------------------------------------------------------------------------------------
+# Who stopped? Per-rank heartbeats, read when a collective fails or times out
+# --------------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Each rank records ``{rank, pid, host, step, time}`` in ``<out_dir>/heartbeat/rank_<r>.json`` after every
+    optimizer step (a tiny file, replaced atomically, no fsync). When a collective times out or a peer's
+    connection drops, :func:`describe_peers` reads them to name the rank that is dead or stuck."""
+
+    def __init__(self, out_dir: str, rank: int):
+        import json
+        import socket
+
+        self._json, self.host, self.rank = json, socket.gethostname(), rank
+        self.dir = os.path.join(out_dir, "heartbeat")
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, f"rank_{rank}.json")
+
+    def beat(self, step: int) -> None:
+        import time
+
+        try:
+            with open(self.path + ".tmp", "w") as f:
+                f.write(self._json.dumps({"rank": self.rank, "pid": os.getpid(), "host": self.host,
+                                          "step": step, "time": time.time()}))
+            os.replace(self.path + ".tmp", self.path)
+        except OSError:
+            pass  # diagnostics only: never fail training over it
+
+
+def describe_peers(out_dir: str, rank: int, world_size: int) -> str:
+    """One line per other rank from its heartbeat: dead (its pid is gone, same host only) or how long ago it
+    last finished a step, with the stuck/dead ones first. Empty when there is nothing to say."""
+    import json
+    import socket
+    import time
+
+    now, host, beats = time.time(), socket.gethostname(), {}
+    for r in range(world_size):
+        try:
+            with open(os.path.join(out_dir, "heartbeat", f"rank_{r}.json")) as f:
+                beats[r] = json.load(f)
+        except (OSError, ValueError):
+            beats[r] = None
+    mine = (beats.get(rank) or {}).get("step", -1)
+    lines = []
+    for r in range(world_size):
+        if r == rank:
+            continue
+        b = beats[r]
+        if b is None:
+            lines.append((0, f"rank {r}: no heartbeat (it never finished a step)"))
+            continue
+        state, order = "alive", 2
+        if b.get("host") == host:
+            try:
+                os.kill(int(b["pid"]), 0)
+                with open(f"/proc/{int(b['pid'])}/stat") as f:  # a zombie is dead too (not reaped yet)
+                    if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                        state, order = "DEAD (its process exited)", 0
+            except ProcessLookupError:
+                state, order = "DEAD (its process is gone)", 0
+            except (OSError, IndexError):
+                pass
+        if order and b["step"] < mine:
+            state, order = "STUCK (behind this rank)", 1
+        lines.append((order, f"rank {r} (pid {b['pid']} on {b['host']}): {state}, last finished step {b['step']} "
+                             f"{now - b['time']:.0f} s ago"))
+    return "; ".join(text for _, text in sorted(lines))

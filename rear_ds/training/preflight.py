@@ -28,3 +28,70 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("tokenizer.weights is not set: training needs the tokenizer's codebook (the alignment "
                           "targets). Set tokenizer.weights=/path/to/weights, or for tests and toy runs only, "
                           "train.allow_random_tokenizer=true to use a randomly initialised codebook.")
+
+
+def check_data(cfg: Config) -> None:
+    """The token shards' manifest agrees with the model and the tokenizer (codebook size, grid, sequence length,
+    the tokenizer weights' sha256 when the manifest records it). Reads manifest.json only, no shard."""
+    from rear_ds.data import shards as S
+
+    d = cfg.data
+    if not d.shards:
+        return
+    folder = d.shards if os.path.isdir(d.shards) else os.path.dirname(d.shards)
+    mpath = os.path.join(folder, S.MANIFEST)
+    try:
+        m = S.load_manifest(folder)
+    except S.ShardError as e:
+        raise ConfigError(f"data.shards={d.shards!r}: {e}") from None
+    mc, tc = cfg.model, cfg.tokenizer
+    for key, want in (("codebook_size", mc.codebook_size), ("num_tokens", mc.num_tokens)):
+        if m.get(key) is not None and m.get(key) != want:
+            raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
+                              "(tokenized with another tokenizer or resolution?)")
+    tok = m.get("tokenizer") or {}
+    if tok.get("codebook_size") is not None and tok["codebook_size"] != tc.codebook_size:
+        raise ConfigError(f"token shards {mpath}: made by a tokenizer with codebook_size={tok['codebook_size']}, "
+                          f"but tokenizer.codebook_size={tc.codebook_size}")
+    if tok.get("grid") is not None and list(tok["grid"]) != list(tc.grid):
+        raise ConfigError(f"token shards {mpath}: token grid {list(tok['grid'])}, but the tokenizer config gives "
+                          f"{list(tc.grid)} (tokenizer.image_size={tc.image_size}, tokenizer.channel_mult)")
+    sha = tok.get("weights_sha256")
+    if sha and tc.weights and os.path.isfile(tc.weights):
+        from rear_ds.models.tokenizers import tokenizer_weights_sha256
+
+        have = tokenizer_weights_sha256(tc.weights)
+        if have != sha:
+            raise ConfigError(f"tokenizer.weights={tc.weights!r} (sha256 {have[:12]}...) is not the tokenizer the "
+                              f"shards in {folder} were made with (manifest {mpath}: sha256 {sha[:12]}...)")
+
+
+def check_resume(cfg: Config) -> None:
+    """A checkpoint in the run folder that we would resume from must be of the same architecture: its
+    rear_config.json is compared with the model section (and the tokenizer's codebook size)."""
+    import json
+
+    from rear_ds.training import checkpoint as ckpt
+
+    ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints")
+    resume = ckpt.find_resume(ckpt_dir)
+    if resume is None:
+        return
+    path = os.path.join(ckpt_dir, resume.tag, "rear_config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, resume.tag)} has no readable rear_config.json "
+                          f"({e}); cannot tell whether it fits this model. Move it away or fix it.") from None
+    now = cfg.to_dict()
+    diffs = [f"model.{k}: checkpoint {v!r}, config {now['model'].get(k)!r}"
+             for k, v in sorted((saved.get("model") or {}).items())
+             if now["model"].get(k) != v and "dropout" not in k]  # dropout rates do not change the weights
+    tk = "codebook_size"
+    if (saved.get("tokenizer") or {}).get(tk, now["tokenizer"][tk]) != now["tokenizer"][tk]:
+        diffs.append(f"tokenizer.{tk}: checkpoint {saved['tokenizer'][tk]!r}, config {now['tokenizer'][tk]!r}")
+    if diffs:
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} holds checkpoint {os.path.join(ckpt_dir, resume.tag)} "
+                          f"of another architecture, which this run would resume from: {'; '.join(diffs)}. "
+                          "Use another train.out_dir, or the config the checkpoint was trained with.")

@@ -1,0 +1,349 @@
+"""Reliability (issue 9): what a run survives, each claim a test that fails when the mechanism is broken.
+
+Launches (real `deepspeed --num_gpus 2`, two CPU processes, tiny model; ~2 min in all):
+  1. ZeRO-3 on token shards: a truncated shard met by rank 1 during training (skipped, counted), a disk-full
+     error on rank 1 in the middle of writing a checkpoint, and a failed free-space check on rank 1 before
+     another: training goes on, `latest` and the previous checkpoints stay intact, a relaunch resumes.
+  2. Rank 1 hangs before a step: rank 0's collective times out (train.collective_timeout_s=20), names rank 1
+     and the job exits non-zero instead of waiting forever.
+  3. data.on_corrupt_shard=error: rank 1 stops with an error naming the shard; rank 0 (its peer died) does not
+     hang, exits non-zero and says rank 1 is dead.
+Everything else runs in-process: bad configuration found before any model/data (train.main returns 1 and
+creates nothing), crafted pickles never executed, tar members never written outside the output folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_helpers as th
+
+launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed launcher")
+TINY = os.path.join(th.ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Token shards (8 x 64 samples) of the learnable tiny dataset, and a copy where the first shard rank 1 draws
+    (of 2 ranks, seed 42) is truncated; returns (good folder, damaged folder, damaged shard name)."""
+    from rear_ds.config import ModelConfig
+    from rear_ds.data.jsonl import convert
+    from rear_ds.data.reader import ShardSource, _rng, make_units
+
+    root = tmp_path_factory.mktemp("shards")
+    data = th.write_jsonl(str(root / "data.jsonl"))
+    good = str(root / "good")
+    convert(data, good, (4, 4), 64, samples_per_shard=64, tokenizer_name="toy_vq")
+    src = ShardSource(good, ModelConfig(codebook_size=64, num_tokens=16, num_classes=10))
+    units = make_units(src.files(), 1, 2)
+    first = units[int(_rng(42, 0, 1, 0, 0).integers(len(units)))].name
+    bad = str(root / "bad")
+    shutil.copytree(good, bad)
+    raw = open(os.path.join(bad, first), "rb").read()
+    open(os.path.join(bad, first), "wb").write(raw[: len(raw) // 2])
+    return good, bad, first
+
+
+def overrides(out: str, shards_dir: str, steps: int, *extra: str) -> list:
+    return [f"train.out_dir={out}", f"data.shards={shards_dir}", "data.num_workers=0",
+            "train.allow_random_tokenizer=true", "train.log_every=1", "train.ckpt_every=5", "train.keep_last=10",
+            f"train.max_steps={steps}", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch 1: ZeRO-3 disk full (mid-write and before), corrupt shard skipped; then a resume
+# ---------------------------------------------------------------------------------------------------
+
+
+@launcher
+def test_zero3_disk_full_and_corrupt_shard_survive(shards, tmp_path):
+    """Issue 9 items 4 and 6 under ZeRO-3 (whose save has collectives after the per-rank writes)."""
+    _, bad, bad_name = shards
+    out = str(tmp_path / "run")
+    cmd = th.command("zero3_bf16.json", overrides(out, bad, 20, "train.collective_timeout_s=60"), script=th.FAULTS)
+    res = th.run(cmd, timeout=300, REAR_TEST_ENOSPC_TAG="step_00000010", REAR_TEST_ENOSPC_RANK="1",
+                 REAR_TEST_FAULT_RANK="1", REAR_TEST_LOWSPACE_CALL="3")
+    assert res.returncode == 0, res.output[-6000:]
+    ck = os.path.join(out, "checkpoints")
+    # the mid-write ENOSPC on rank 1: a clear error naming the rank and the folder; nothing left behind
+    assert "rank 1: no space left on device" in res.output, res.output[-6000:]
+    assert f"checkpoint {os.path.join(ck, 'step_00000010')} could NOT be written" in res.output
+    assert not os.path.exists(os.path.join(ck, "step_00000010"))
+    # the free-space check before step 15's checkpoint on rank 1: skipped before writing anything
+    assert f"checkpoint {os.path.join(ck, 'step_00000015')} SKIPPED, nothing written: rank 1: only 0.000 GB free " \
+           f"in {ck}" in res.output
+    assert not os.path.exists(os.path.join(ck, "step_00000015"))
+    # the previous checkpoint stayed complete, `latest` only ever moved to complete ones
+    assert os.path.isfile(os.path.join(ck, "step_00000005", "COMPLETE"))
+    assert open(os.path.join(ck, "latest")).read().strip() == "step_00000020"
+    # training state not corrupted: every step ran, the loss fell, the corrupt shard was skipped and counted
+    curve = th.losses(out)
+    assert sorted(curve) == list(range(1, 21))
+    assert sum(curve[s]["loss"] for s in (18, 19, 20)) < sum(curve[s]["loss"] for s in (1, 2, 3)) - 0.3
+    assert f"skipping corrupt token shard {bad_name}" in res.output
+    assert curve[20]["corrupt_shards_skipped"] == 1 and curve[1]["corrupt_shards_skipped"] == 1
+    assert "survives: kill/crash -> relaunch resumes" in res.output  # the one-line summary
+    # a relaunch with a larger max_steps resumes from step 20 (rank states + reader position restored)
+    res2 = th.run(th.command("zero3_bf16.json", overrides(out, bad, 22)), timeout=300)
+    assert res2.returncode == 0, res2.output[-5000:]
+    assert f"resumed from {os.path.join(ck, 'step_00000020')}" in res2.output
+    assert sorted(th.losses(out)) == list(range(1, 23))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launches 2 and 3: a rank that hangs, a rank that dies (from data.on_corrupt_shard=error)
+# ---------------------------------------------------------------------------------------------------
+
+
+@launcher
+def test_hung_rank_times_out_and_is_named(tmp_path):
+    data = th.write_jsonl(str(tmp_path / "data.jsonl"))
+    out = str(tmp_path / "run")
+    cmd = th.command("zero2_bf16.json", th.base_overrides(out, data, 10, "train.collective_timeout_s=20"),
+                     script=th.FAULTS)
+    t0 = time.time()
+    res = th.run(cmd, timeout=240, REAR_TEST_HANG_STEP="3", REAR_TEST_FAULT_RANK="1")
+    took = time.time() - t0
+    assert res.returncode != 0, res.output[-5000:]
+    assert "FAULT: rank 1 hangs before step 3" in res.output
+    assert "training failed on rank 0" in res.output, res.output[-5000:]
+    assert "rank 0 (" in res.output and "state of the other ranks: rank 1 (pid" in res.output, res.output[-5000:]
+    assert "last finished step 2" in res.output
+    assert took < 150, took  # start-up + 20 s timeout + teardown, never "forever"
+    assert max(th.losses(out)) == 2
+
+
+@launcher
+def test_corrupt_shard_error_mode_stops_every_rank(shards, tmp_path):
+    _, bad, bad_name = shards
+    out = str(tmp_path / "run")
+    cmd = th.command("zero2_bf16.json", overrides(out, bad, 10, "data.on_corrupt_shard=error",
+                                                  "train.collective_timeout_s=60"))
+    t0 = time.time()
+    res = th.run(cmd, timeout=240)
+    assert res.returncode != 0, res.output[-5000:]
+    assert "training failed on rank 1" in res.output
+    assert bad_name in res.output and "on_corrupt_shard=error" in res.output, res.output[-5000:]
+    assert time.time() - t0 < 120  # rank 0 does not wait for its dead peer
+    assert not th.losses(out) or max(th.losses(out)) < 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad configuration, before any model is built or data read (in-process)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _main(monkeypatch, caplog, over: list, ds="zero2_bf16.json"):
+    from rear_ds import train
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    built = []
+    monkeypatch.setattr("rear_ds.training.build.build_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr("rear_ds.data.reader.build_train_loader", lambda *a, **k: built.append(1))
+    caplog.set_level(logging.ERROR, logger="rear_ds")
+    rc = train.main(["--deepspeed_config", os.path.join(th.ROOT, "ds_configs", ds), "--config", TINY, *over])
+    assert not built
+    return rc
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("align", "model.decode_align_layer=4 is outside the model"),
+    ("tok_codebook", "model.codebook_size=64 disagrees with tokenizer.codebook_size=128"),
+    ("tok_grid", "model.num_tokens=16 disagrees with the tokenizer grid 8x8=64"),
+    ("shards_model", "num_tokens=16 disagrees with model.num_tokens=64"),
+    ("shards_grid", "token grid [4, 4], but the tokenizer config gives [8, 8]"),
+    ("shards_sha", "is not the tokenizer the shards in"),
+    ("missing_shards", "data.shards="),
+    ("arch", "of another architecture"),
+])
+def test_bad_config_found_before_model_or_data(case, expect, shards, tmp_path, monkeypatch, caplog):
+    good = shards[0]
+    out = str(tmp_path / "run")
+    over = overrides(out, good, 3)
+    if case == "align":
+        over.append("model.decode_align_layer=4")
+    elif case == "tok_codebook":
+        over.append("tokenizer.codebook_size=128")
+    elif case == "tok_grid":
+        over.append("tokenizer.image_size=64")
+    elif case in ("shards_model", "shards_grid"):
+        over += ["tokenizer.image_size=64", "model.num_tokens=64"]
+        if case == "shards_grid":  # the manifest without its top-level num_tokens: the tokenizer grid still differs
+            mod = str(tmp_path / "shards")
+            shutil.copytree(good, mod)
+            m = json.load(open(os.path.join(mod, "manifest.json")))
+            m.pop("num_tokens")
+            m.setdefault("tokenizer", {})["grid"] = [4, 4]
+            json.dump(m, open(os.path.join(mod, "manifest.json"), "w"))
+            over.append(f"data.shards={mod}")
+    elif case == "shards_sha":
+        mod = str(tmp_path / "shards")
+        shutil.copytree(good, mod)
+        m = json.load(open(os.path.join(mod, "manifest.json")))
+        m.setdefault("tokenizer", {})["weights_sha256"] = "0" * 64
+        json.dump(m, open(os.path.join(mod, "manifest.json"), "w"))
+        w = str(tmp_path / "tok.safetensors")
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(2)}, w)
+        over += [f"data.shards={mod}", f"tokenizer.weights={w}"]
+    elif case == "missing_shards":
+        over.append(f"data.shards={tmp_path}/nothing/here")
+    elif case == "arch":  # a complete checkpoint of a wider model in the run folder
+        tag = os.path.join(out, "checkpoints", "step_00000005")
+        os.makedirs(tag)
+        from rear_ds.config import load_config
+        other = load_config(TINY, ["model.hidden_size=128", "model.depth=6"]).to_dict()
+        json.dump(other, open(os.path.join(tag, "rear_config.json"), "w"))
+        json.dump({"step": 5, "world_size": 2, "zero_stage": 2}, open(os.path.join(tag, "COMPLETE"), "w"))
+        open(os.path.join(out, "checkpoints", "latest"), "w").write("step_00000005\n")
+    rc = _main(monkeypatch, caplog, over)
+    assert rc == 1
+    assert expect in caplog.text, caplog.text
+    if case == "arch":
+        assert "step_00000005" in caplog.text and "model.hidden_size: checkpoint 128, config 64" in caplog.text
+        assert "model.depth: checkpoint 6, config 4" in caplog.text
+    else:
+        assert not os.path.exists(out), "nothing may be created before the config is valid"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Untrusted files never run pickled code; tar members never escape the output folder
+# ---------------------------------------------------------------------------------------------------
+
+class _Evil:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_checkpoint_with_crafted_pickle_is_refused(tmp_path):
+    """DeepSpeed 0.19.8 loads checkpoints with torch.load(weights_only=False): a crafted pickle there would run.
+    Before resuming, rear_ds scans every pickle of the checkpoint for the globals it would import (no object is
+    built) and refuses anything but torch's weights-only set and DeepSpeed's own plain-data classes."""
+    from rear_ds.training import checkpoint as ckpt
+
+    marker = str(tmp_path / "PWNED")
+    tag = tmp_path / "step_00000005"
+    tag.mkdir()
+    np_state = np.random.get_state()
+    torch.save({"module": {"w": torch.zeros(2)}, "step": 5, "rank_states": [{
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]), "torch": torch.get_rng_state()}]},
+        str(tag / "mp_rank_00_model_states.pt"))
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.weights,
+                "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]},
+               str(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    ckpt.verify_no_code(str(tag))  # what DeepSpeed and rear_ds write passes
+    torch.save({"x": _Evil(marker)}, str(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    with pytest.raises(ckpt.CheckpointSecurityError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt.*exec"):
+        ckpt.verify_no_code(str(tag))
+    assert not os.path.exists(marker)
+    # the same file handed to full pickle (what DeepSpeed would do) runs the code: the test payload is real
+    torch.load(str(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), weights_only=False)
+    assert os.path.exists(marker)
+
+
+def test_rear_config_tokenizer_and_reference_never_unpickle(tmp_path):
+    """rear_config.json is parsed as JSON (a pickle there is a parse error); tokenizer weights go through
+    read_state_dict (weights_only); a reference .npz with a pickled object array is refused."""
+    from rear_ds.evaluation.references import open_reference
+    from rear_ds.models.weights import read_state_dict
+
+    marker = str(tmp_path / "PWNED")
+    torch.save({"w": _Evil(marker)}, str(tmp_path / "tok.bin"))
+    with pytest.raises(Exception):
+        read_state_dict(str(tmp_path / "tok.bin"))
+    (tmp_path / "rear_config.json").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises((ValueError, UnicodeDecodeError)):
+        json.load(open(tmp_path / "rear_config.json"))
+    np.savez(tmp_path / "ref.npz", mu=np.array([_Evil(marker)], dtype=object), sigma=np.eye(2))
+    with pytest.raises(Exception):
+        open_reference(str(tmp_path / "ref.npz"))
+    assert not os.path.exists(marker)
+
+
+def _evil_tar(path: str, outside: str) -> None:
+    """A webdataset-style tar whose members try to escape: absolute paths, `..`, a symlink and a hard link."""
+    from PIL import Image
+
+    img = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img, format="PNG")
+    with tarfile.open(path, "w") as tf:
+        for name, data in ((f"{outside}/abs.png", img.getvalue()), (f"{outside}/abs.cls", b"1"),
+                           ("../../escape.png", img.getvalue()), ("../../escape.cls", b"1"),
+                           ("ok0.png", img.getvalue()), ("ok0.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for kind, name in ((tarfile.SYMTYPE, "ok1.png"), (tarfile.LNKTYPE, "ok2.png")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, f"{outside}/link_target"
+            tf.addfile(link)
+
+
+def test_tar_members_never_escape(tmp_path):
+    """No tool of the project extracts tar members to disk: tokenization's webdataset source lists members and
+    reads them by offset, the token-shard reader and the evaluator's shard references read members in memory,
+    jsonl_to_shards only writes its output folder. Crafted members (absolute, `..`, links) create nothing outside."""
+    from rear_ds.data import shards as S
+    from rear_ds.data import sources
+    from rear_ds.data.jsonl import convert
+    from rear_ds.evaluation.references import open_reference
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    tar = str(work / "evil.tar")
+    _evil_tar(tar, str(outside))
+    before = set(tmp_path.rglob("*"))
+    listing = sources.list_wds(tar)  # tokenization's input listing + reads
+    assert len(listing.items) == 3
+    for it in listing.items:
+        assert sources.read_bytes(it)[:4] == b"\x89PNG"
+    with pytest.raises(S.ShardError):  # the training reader / the evaluator's shard reference
+        list(S.iter_shard(tar))
+    with pytest.raises(Exception):
+        list(open_reference(tar).iter_images())
+    jl = work / "x.jsonl"
+    jl.write_text(json.dumps({"class_id": 1, "tokens": [1] * 16}) + "\n")
+    convert(str(jl), str(work / "out"), (4, 4), 64, samples_per_shard=8)
+    created = set(tmp_path.rglob("*")) - before
+    assert all(str(p).startswith(str(work)) for p in created), sorted(map(str, created))
+    assert not list(outside.iterdir()) and not (tmp_path / "a" / "escape.png").exists()
+
+
+def test_reader_leaves_the_global_rng_alone(tmp_path):
+    """The training reader's DataLoader has its own generator: (re)starting its iterator (first batch, after a
+    resume) draws nothing from the global torch RNG, which drives dropout (exact resume depends on it)."""
+    from rear_ds.config import DataConfig, ModelConfig
+    from rear_ds.data.reader import build_train_loader
+
+    data = th.write_jsonl(str(tmp_path / "d.jsonl"), n=64)
+    loader = build_train_loader(DataConfig(jsonl=data, num_workers=0),
+                                ModelConfig(codebook_size=64, num_tokens=16, num_classes=10), 1, 2, 42, 8)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = next(loader)
+    loader.load_state_dict(loader.state_dict())  # what a resume does: the iterator restarts
+    next(loader)
+    assert torch.equal(state, torch.get_rng_state())
+    assert first[0].shape == (8, 16)
