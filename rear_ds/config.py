@@ -91,6 +91,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"{prefix}.{key}={v} is outside the model: block indices are 0-based and "
                     f"{prefix}.depth={self.depth}, so it must be in [0, {self.depth - 1}]")
+        if self.encode_align_layer == self.decode_align_layer:
+            # The reference then never runs the decode head (an if/elif) and silently reuses the encode features.
+            raise ConfigError(f"{prefix}.encode_align_layer and {prefix}.decode_align_layer are both "
+                              f"{self.decode_align_layer}: they must differ")
         if self.align_head_layers < 1:
             raise ConfigError(f"{prefix}.align_head_layers={self.align_head_layers} must be >= 1")
         if self.align_head_act not in ("silu", "gelu"):

@@ -81,11 +81,12 @@ class ReARObjective:
         cfg, mcfg = self.cfg, self.model_cfg
         B, N = tokens.shape
         rho = self.rho(step) if training else 0.0
-        if drop is None:
-            drop = (torch.rand(B, device=tokens.device, generator=generator) < cfg.class_dropout
-                    if training and cfg.class_dropout > 0 else None)
+        # Random draws happen whenever the reference draws them (also at p = 0 or rho = 0), so that the RNG
+        # stream, and with it the dropout masks that follow, can be replayed against the reference.
+        if drop is None and training:
+            drop = torch.rand(B, device=tokens.device, generator=generator) < cfg.class_dropout
         if noisy_tokens is None:
-            if training and rho > 0:
+            if training and cfg.noisy_context:
                 noisy_tokens, noise_mask = perturb_tokens(tokens, rho, cfg.perturb_mode, mcfg.codebook_size,
                                                           generator)
             else:
@@ -104,12 +105,13 @@ class ReARObjective:
         if cfg.encode_align or cfg.decode_align:
             with torch.no_grad():
                 target = codebook.float()[tokens]  # (B, N, z), raw codebook rows
-            if cfg.encode_align:
-                keep = (~noise_mask).float() if cfg.mask_encode_at_perturbed else torch.ones_like(target[..., 0])
-                # Divided by B*N even though perturbed positions are masked out (as the reference does).
-                enc_loss = -(keep * cosine(enc.float(), target)).sum() / (B * N)
-            if cfg.decode_align:
-                dec_loss = -cosine(dec.float(), target).sum() / (B * N)
+            # As the reference: with one head switched off, the enabled head's features serve both terms.
+            enc_feats = (enc if cfg.encode_align else dec).float()
+            dec_feats = (dec if cfg.decode_align else enc).float()
+            keep = (~noise_mask).float() if cfg.mask_encode_at_perturbed else torch.ones_like(target[..., 0])
+            # Masked at perturbed inputs but divided by B*N, all positions (as the reference does).
+            enc_loss = -(keep * cosine(enc_feats, target)).sum() / (B * N)
+            dec_loss = -cosine(dec_feats, target).sum() / (B * N)
             loss = loss + cfg.align_weight * (enc_loss + dec_loss)
 
         with torch.no_grad():

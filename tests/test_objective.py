@@ -147,3 +147,32 @@ def test_tiny_model_learns(tiny_cfg):
         losses.append(m["ce"].item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first > 3.5 and last < 1.5, (first, last)
+
+
+def test_one_head_serves_both_terms_as_in_the_reference():
+    """With one head off, the reference reuses the enabled head's features for both terms (encode term masked)."""
+    mcfg, codebook, tokens, labels, logits, enc, dec = make_case()
+    noise = torch.tensor([[False, False, True], [False, True, False]])
+    ce = F.cross_entropy(logits.reshape(-1, 4), tokens.reshape(-1)).item()
+    # Decode head only: dec features give cos -1 everywhere except (1, 2) = 1/sqrt(2).
+    model = FixedModel(logits, None, dec, mcfg)
+    cfg = ObjectiveConfig(encode_align=False, class_dropout=0.0)
+    loss, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, 0, noisy_tokens=tokens, noise_mask=noise)
+    assert model.calls[0][2:] == (False, True)
+    assert m["enc_align"].item() == pytest.approx(-(-3.0 + 1 / math.sqrt(2)) / 6, abs=1e-6)  # unmasked: 4 positions
+    assert m["dec_align"].item() == pytest.approx(-(-5.0 + 1 / math.sqrt(2)) / 6, abs=1e-6)
+    # Encode head only: enc features (cos 1, except (0, 1) = 0) serve the unmasked decode term too.
+    model = FixedModel(logits, enc, None, mcfg)
+    cfg = ObjectiveConfig(decode_align=False, class_dropout=0.0)
+    loss, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, 0, noisy_tokens=tokens, noise_mask=noise)
+    assert m["enc_align"].item() == pytest.approx(-3.0 / 6, abs=1e-6)
+    assert m["dec_align"].item() == pytest.approx(-5.0 / 6, abs=1e-6)
+    assert loss.item() == pytest.approx(ce - 8.0 / 6, abs=1e-5)
+
+
+def test_equal_align_layers_rejected():
+    from rear_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must differ"):
+        ModelConfig(hidden_size=8, depth=4, num_heads=2, mlp_dim=16, encode_align_layer=2,
+                    decode_align_layer=2).validate()
