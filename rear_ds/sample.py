@@ -116,11 +116,10 @@ class Checkpoint:
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Content hash; the same for two exports of the same checkpoint (see weights.weights_sha256)."""
+    from rear_ds.models.weights import weights_sha256
+
+    return weights_sha256(path)
 
 
 def _with_overrides(data: dict, overrides: list) -> object:

@@ -33,8 +33,11 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def _clean_env(**extra) -> dict:
-    """The test's environment without any SLURM_* variable (the suite may itself run inside a job)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    """The test's environment without Slurm or launcher variables (the suite may itself run inside a job,
+    and in-process DeepSpeed tests leave MASTER_PORT and friends behind)."""
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in launcher}
     env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -474,24 +477,40 @@ def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards
 
 
 def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, request):
+    """train -> sample array (2 tasks) -> evaluate through submit_chain.sh, with Inception weights and a
+    reference folder made here (random weights in torch-fidelity's format: nothing is downloaded)."""
     need("rear_ds/sample.py", "rear_ds/evaluate.py")
-    ref, inception = os.environ.get("REAR_TEST_REFERENCE"), os.environ.get("REAR_TEST_INCEPTION_WEIGHTS")
-    if not (ref and inception):
-        pytest.skip("set REAR_TEST_REFERENCE and REAR_TEST_INCEPTION_WEIGHTS (evaluate needs a reference and "
-                    "Inception weights, which are not downloaded in the tests)")
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_evaluate import make_inception_weights
+
+    inception = os.environ.get("REAR_TEST_INCEPTION_WEIGHTS") or make_inception_weights(str(tmp_path / "incep.pth"))
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     run = tmp_path / "run"
     env = _clean_env(REPO_DIR=REPO, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
                      TRAIN_SBATCH="--ntasks-per-node=2")
     tiny_shards = request.getfixturevalue("tiny_shards")
+    tok_weights = str(Path(tiny_shards).parent / "toy_vq.safetensors")
     r = subprocess.run(["bash", str(REPO / "slurm/submit_chain.sh"),
                         "train:", *tiny_train_args(run, tiny_shards, 5),
-                        "sample:", "--config", "configs/tiny.yaml", "--out-dir", tmp_path / "samples",
-                        "--num-samples", "8", "--chunk-size", "2",
-                        "evaluate:", "--reference", ref, "--inception-weights", inception, "--out", tmp_path / "eval"],
+                        "sample:", "--config", "configs/tiny.yaml", "--tokenizer-weights", tok_weights,
+                        "--out-dir", tmp_path / "samples", "--num-samples", "10", "--chunk-size", "5",
+                        "evaluate:", "--reference", ref, "--inception-weights", inception, "--is-splits", "2",
+                        "--out", tmp_path / "eval"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
     assert list(ids) == ["train", "sample", "evaluate"]
     assert_ok(wait_jobs(*ids.values(), timeout=1200), tmp_path)
-    assert any((tmp_path / "samples").rglob("*")), "no samples written"
-    assert any((tmp_path / "eval").iterdir()), "no evaluation output"
+    assert sorted(p.name for p in (tmp_path / "samples").glob("chunk_*.npz")) == ["chunk_000000.npz",
+                                                                                  "chunk_000001.npz"]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["accounting"]["samples_counted"] == 10
+    assert np.isfinite(results["metrics"]["fid"]) and results["metrics"]["fid"] > 0
+    assert (tmp_path / "eval" / "samples_adm.npz").exists()

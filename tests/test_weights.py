@@ -123,3 +123,26 @@ def test_optional_prefixes_may_be_absent_on_either_side():
     extra = {**net.state_dict(), "head2.weight": torch.zeros(1)}
     result = load_strict(net, extra, what="w", optional_prefixes=("head2.",))
     assert result.ignored_optional == ["head2.weight"]
+
+
+def test_weights_sha256_ignores_safetensors_header_order(tmp_path):
+    """Two exports of the same weights may order the header differently; their content hash must agree."""
+    import hashlib
+    import json
+    import struct
+
+    from rear_ds.models.weights import save_safetensors, weights_sha256
+
+    a = str(tmp_path / "a.safetensors")
+    save_safetensors({"x": torch.arange(4.0), "y": torch.ones(2, 3)}, a, metadata={"k1": "v1", "k2": "v2"})
+    raw = open(a, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    reordered = json.dumps(dict(reversed(list(header.items()))), separators=(",", ":")).encode()
+    reordered += b" " * (n - len(reordered))  # keep the data offset
+    b = str(tmp_path / "b.safetensors")
+    open(b, "wb").write(raw[:8] + reordered + raw[8 + n:])
+    assert hashlib.sha256(open(a, "rb").read()).hexdigest() != hashlib.sha256(open(b, "rb").read()).hexdigest()
+    assert weights_sha256(a) == weights_sha256(b)
+    torch.save({"x": torch.ones(1)}, tmp_path / "c.bin")
+    assert weights_sha256(str(tmp_path / "c.bin")) == hashlib.sha256(open(tmp_path / "c.bin", "rb").read()).hexdigest()

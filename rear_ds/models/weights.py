@@ -155,3 +155,28 @@ def save_safetensors(state_dict: Mapping, path: str, metadata: Optional[dict] = 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def weights_sha256(path: str) -> str:
+    """A content hash of a weights file that is the same for the same tensors and metadata.
+
+    A .safetensors file's JSON header is written in an arbitrary key order (the writer uses a hash map), so two
+    exports of the same weights can differ byte for byte; the header is hashed in canonical (sorted) form,
+    followed by the tensor bytes. Other files are hashed as they are.
+    """
+    import hashlib
+    import json
+    import struct
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):
+            (n,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise WeightsError(f"{path}: not a valid safetensors file (bad header: {e})") from None
+            digest.update(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

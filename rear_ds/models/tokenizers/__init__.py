@@ -8,7 +8,6 @@ file to put where.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 from rear_ds.config import TokenizerConfig
@@ -55,9 +54,8 @@ def build_tokenizer(cfg: TokenizerConfig, load_weights: bool = True, device="cpu
 
 
 def tokenizer_weights_sha256(path: str) -> str:
-    """Hex SHA-256 of a weights file (recorded in manifests so token shards name their tokenizer)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Content SHA-256 of a weights file (recorded in manifests so token shards name their tokenizer);
+    a .safetensors header is hashed in canonical key order (see weights.weights_sha256)."""
+    from rear_ds.models.weights import weights_sha256
+
+    return weights_sha256(path)
