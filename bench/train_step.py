@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-from typing import Optional
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks

@@ -453,7 +453,7 @@ def print_summary(m: dict, r: Runner) -> None:
 def golden_overrides() -> list:
     g = GOLDEN
     return [f"train.max_steps={g['steps']}", f"train.micro_batch_size={g['micro_batch_size']}", "train.log_every=1",
-            f"train.ckpt_every={g['steps']}", "train.seed=0", f"optim.warmup_steps=5", f"optim.total_steps={g['steps']}",
+            f"train.ckpt_every={g['steps']}", "train.seed=0", "optim.warmup_steps=5", f"optim.total_steps={g['steps']}",
             f"objective.anneal_end={g['steps']}", "data.num_workers=0", "data.shuffle_buffer=64"]
 
 

@@ -35,6 +35,8 @@ import zipfile
 
 import numpy as np
 
+from rear_ds.data.shards import write_json_atomic
+
 ADM_NPZ = "samples_adm.npz"
 RESULTS = "results.json"
 GRID = "samples_grid.png"
@@ -76,15 +78,6 @@ class AdmNpzWriter:
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +224,7 @@ def evaluate(args) -> dict:
         "seconds": round(time.time() - t_start, 2),
     }
     save_grid(np.stack(grid), results["outputs"]["grid"], nrow=8)
-    write_json_atomic(os.path.join(args.out, RESULTS), results)
+    write_json_atomic(os.path.join(args.out, RESULTS), results, sort_keys=False)
     print(json.dumps(metrics, indent=1))
     return results
 

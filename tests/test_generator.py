@@ -1,5 +1,4 @@
 """The reAR generator: sizes, checkpoint layout, init, input construction, KV cache (spec section 2)."""
-import math
 
 import pytest
 import torch

@@ -47,10 +47,11 @@ def sample_bytes(grid: tuple) -> int:
     return 4 * 512 + -(-npy // 512) * 512 + 3 * 512
 
 
-def write_json_atomic(path: str, data: dict) -> None:
+def write_json_atomic(path: str, data: dict, sort_keys: bool = True) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+        json.dump(data, f, indent=1, sort_keys=sort_keys)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -16,7 +16,6 @@ The model knows nothing of DeepSpeed, files or Slurm; initialisation happens ins
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
