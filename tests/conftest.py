@@ -30,3 +30,25 @@ def tiny_model(tiny_cfg):
         for p in model.parameters():
             p.normal_(0, 0.1)
     return model.eval()
+
+
+SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
+_shm_before: set = set()
+
+
+def pytest_sessionstart(session):
+    import glob
+
+    _shm_before.update(glob.glob(SHM_PATTERN))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Processes the tests kill on purpose never unlink DeepSpeed's CPU all-reduce buffers (66 MiB each in
+    /dev/shm, i.e. RAM); remove the ones this session created so repeated runs do not exhaust memory."""
+    import glob
+
+    for path in set(glob.glob(SHM_PATTERN)) - _shm_before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -34,8 +34,12 @@ def data(tmp_path_factory):
 def reference(tmp_path_factory, data):
     """Uninterrupted ZeRO-2 run: the loss curve every other run is compared with."""
     out = str(tmp_path_factory.mktemp("ref"))
-    res = th.run(th.command("zero2_bf16.json", th.base_overrides(out, data, STEPS, "train.sample_every=40")))
+    cmd = th.command("zero2_bf16.json", th.base_overrides(out, data, STEPS, "train.sample_every=40"))
+    res = th.run(cmd)
     assert res.returncode == 0, res.output[-5000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MiB each in /dev/shm) must not outlive a finished run.
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "leaked DeepSpeed shm buffers"
     return out
 
 

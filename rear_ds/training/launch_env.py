@@ -8,6 +8,7 @@ is not on PATH); the port is derived from the job id so that two jobs on one nod
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -106,7 +107,29 @@ def init_distributed(launch: LaunchEnv, timeout_s: int):
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    if device.type == "cpu":
+        atexit.register(remove_shm_buffers, launch.rank)
     return device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def remove_shm_buffers(rank: int) -> list:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``,
+    66 MiB in /dev/shm). DeepSpeed never removes it, so every CPU launch would leak RAM until reboot. Unlinking
+    only drops the name: peers that mapped it keep their mapping. Returns the paths removed."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    removed = []
+    if not addr or not port:
+        return removed
+    path = os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+    try:
+        os.unlink(path)
+        removed.append(path)
+    except OSError:  # never created (no shm op on this backend) or already gone
+        pass
+    return removed
 
 
 # --------------------------------------------------------------------------------------
