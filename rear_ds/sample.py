@@ -49,6 +49,9 @@ from typing import Optional
 
 import numpy as np
 
+from rear_ds.data.shards import write_json_atomic
+from rear_ds.models.weights import weights_sha256
+
 FORMAT = "rear_ds.samples/v1"
 MANIFEST = "manifest.json"
 # Test hook: SIGKILL this process after it has written this many chunks (simulates preemption).
@@ -113,13 +116,6 @@ class Checkpoint:
     source: str  # what the user passed
     tag: str = ""
     config_source: str = ""
-
-
-def sha256_file(path: str) -> str:
-    """Content hash; the same for two exports of the same checkpoint (see weights.weights_sha256)."""
-    from rear_ds.models.weights import weights_sha256
-
-    return weights_sha256(path)
 
 
 def _with_overrides(data: dict, overrides: list) -> object:
@@ -269,12 +265,7 @@ def write_or_check_manifest(out_dir: str, manifest: dict) -> None:
                               f"{str(old.get('fingerprint'))[:12]} != {manifest['fingerprint'][:12]}; differing "
                               f"entries: {', '.join(diffs) or 'model/tokenizer config'}). Use another --out-dir.")
         return
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
 
 
 def read_manifest(samples_dir: str) -> dict:
@@ -386,7 +377,7 @@ def run(args) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    ckpt_sha = sha256_file(ckpt.weights)
+    ckpt_sha = weights_sha256(ckpt.weights)  # content hash: equal for concurrent exports
     if not cfg.tokenizer.weights or not os.path.isfile(cfg.tokenizer.weights):
         build_tokenizer(cfg.tokenizer, load_weights=True)  # raises the "which file where" error
     tok_sha = tokenizer_weights_sha256(cfg.tokenizer.weights)

@@ -202,24 +202,10 @@ fi
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm job: submit with sbatch (or use DRY_RUN=1)"
 
 # ---------------------------------------------------------------- environment
-# Module and activate scripts often read unset variables: relax -u around them.
-set +u
-if [ -n "${MODULES:-}" ]; then
-    if ! type module >/dev/null 2>&1; then
-        for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
-            # shellcheck disable=SC1090
-            [ -f "$init" ] && { source "$init"; break; }
-        done
-    fi
-    # shellcheck disable=SC2086  # a list of module names
-    module load $MODULES
-fi
-if [ -n "${VENV:-}" ]; then
-    # shellcheck disable=SC1091
-    source "$VENV/bin/activate"
-fi
-if [ -n "${PRE_RUN:-}" ]; then eval "$PRE_RUN"; fi
-set -u
+# MODULES / VENV / PRE_RUN, loaded the same way as in the other scripts (slurm/common.sh).
+# shellcheck source=slurm/common.sh
+source slurm/common.sh
+rear_setup_env
 
 # ---------------------------------------------------------------- run, forward signals, requeue
 GOT_USR1=0

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import re
 import tarfile
 from typing import Iterator, Optional
@@ -49,7 +50,7 @@ def sample_bytes(grid: tuple) -> int:
 
 def write_json_atomic(path: str, data: dict, sort_keys: bool = True) -> None:
     """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique across hosts on a shared filesystem
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=sort_keys)
         f.flush()

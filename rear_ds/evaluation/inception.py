@@ -12,13 +12,14 @@ Features used (torch-fidelity's defaults for each metric): "2048" (pool_3, FID a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from typing import Optional
 
 import numpy as np
 import torch
+
+from rear_ds.models.weights import weights_sha256
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -47,14 +48,6 @@ def resolve_inception_weights(path: Optional[str] = None) -> str:
     if not os.path.isfile(path):
         raise InceptionWeightsError(f"Inception weights file {path!r} does not exist: {_where_to_get()}")
     return path
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -114,7 +107,7 @@ class InceptionFeatures:
     @property
     def weights_sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights_path)
+            self._sha256 = weights_sha256(self.weights_path)
         return self._sha256
 
     def describe(self) -> dict:
