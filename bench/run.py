@@ -24,6 +24,8 @@ import traceback
 
 import torch
 
+from rear_ds.backends import enable_fast_kernels
+
 from .common import REPO, machine_info, pick_device, size_config
 
 SECTIONS = ("train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile")
@@ -458,6 +460,7 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(threads)
 
+    enable_fast_kernels()  # the same process-wide kernel switches as rear_ds/train.py and rear_ds/sample.py
     dev = pick_device(want_gpu=True)
     plan_kind = "gpu" if dev.type == "cuda" else "cpu"
     plan = plan_for(args.quick, args.gpu)

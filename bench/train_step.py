@@ -6,22 +6,26 @@ import gc
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from rear_ds.config import ModelConfig, ObjectiveConfig
+from rear_ds.config import ModelConfig, ObjectiveConfig, OptimConfig
 from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
 from rear_ds.objective import ReARObjective
+from rear_ds.training.optim import build_optimizer
 
 from .common import autocast, peak_tflops, sync, time_fn
 from .eager_reference import EagerReAR, eager_loss
 
 
-def _optimizer(model: torch.nn.Module, device: torch.device):
+def _optimizer(impl: str, model: torch.nn.Module, device: torch.device):
+    """rear: the trainer's own choice (rear_ds.training.optim, with its weight-decay groups); eager: what a
+    straightforward implementation writes, torch.optim.AdamW with its defaults (the foreach loop)."""
+    ocfg = OptimConfig()
+    if impl == "rear":
+        return build_optimizer(model, ocfg, device, offload=False)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": 0.03}, {"params": rest, "weight_decay": 0.0}]
-    kw = dict(lr=1e-4, betas=(0.9, 0.96), eps=1e-8)
-    if device.type == "cuda":
-        return torch.optim.AdamW(groups, fused=True, **kw), "torch.optim.AdamW(fused=True)"
-    return torch.optim.AdamW(groups, **kw), "torch.optim.AdamW(foreach)"
+    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return (torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps),
+            "torch.optim.AdamW (defaults)")
 
 
 class StepRunner:
@@ -48,7 +52,7 @@ class StepRunner:
         else:
             raise ValueError(impl)
         self.model.train()
-        self.opt, self.opt_name = _optimizer(self.model, device)
+        self.opt, self.opt_name = _optimizer(impl, self.model, device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.num_tokens), generator=g).to(device)
         self.labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)

@@ -350,6 +350,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
                                            num_chunks, remove_stale_tmp, write_chunk)
     from rear_ds.models.generator import load_generator
@@ -376,6 +377,7 @@ def run(args) -> int:
         device = torch.device(f"cuda:{worker.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    enable_fast_kernels()  # TF32 for the fp32 sampler, as the reference sample script allows
 
     ckpt_sha = weights_sha256(ckpt.weights)  # content hash: equal for concurrent exports
     if not cfg.tokenizer.weights or not os.path.isfile(cfg.tokenizer.weights):

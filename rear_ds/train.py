@@ -91,10 +91,12 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     from rear_ds.data.reader import build_train_loader
     from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
+    from rear_ds.backends import enable_fast_kernels
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
     device = launch_env.init_distributed(env, cfg.train.collective_timeout_s)
+    enable_fast_kernels()
     signals.install()
     rank, world, t = env.rank, env.world_size, cfg.train
     ckpt_dir = os.path.join(t.out_dir, "checkpoints")

@@ -153,7 +153,7 @@ def test_reference_run_trains_logs_samples_and_exports(reference):
     assert rec["mfu"] is None  # the CPU has no peak in the table
     assert rec["samples_seen"] == 10 * 16
     start = json.loads(open(os.path.join(reference, "log.jsonl")).readline())
-    assert start["layernorm_impl"] and start["optimizer_impl"] == "torch.optim.AdamW"
+    assert start["layernorm_impl"] and start["optimizer_impl"] == "torch.optim.AdamW(fused)"
     assert glob.glob(os.path.join(reference, "samples", "*.png"))
     assert os.path.isfile(os.path.join(reference, "config.yaml"))
 

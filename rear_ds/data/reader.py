@@ -226,7 +226,8 @@ class TrainLoader:
             gen = torch.Generator()
             gen.manual_seed(int(_rng(self.seed, self.consumed, self.rank, 0, 2).integers(2 ** 62)))
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, generator=gen,
-                                             persistent_workers=False, prefetch_factor=2 if nw else None)
+                                             persistent_workers=False, prefetch_factor=2 if nw else None,
+                                             pin_memory=torch.cuda.is_available())  # async H2D copies
             self._it = iter(dl)
         tokens, labels, w, state = next(self._it)
         self.states[w] = state

@@ -1,0 +1,35 @@
+"""Process-wide torch kernel switches, set once by the entry points that train or sample.
+
+Both are global flags in torch, so they live here, named, instead of being flipped inside model code:
+
+* TF32 for fp32 matmuls (spec section 5, "TF32 on"; the reference sample script runs fp32 with TF32
+  allowed). A no-op on the CPU; on Ampere+ GPUs it is what makes fp32 sampling affordable.
+* bf16/fp16 reductions in SDPA's *math* backend. That backend runs whenever no fused kernel accepts the
+  call, notably on the CPU during training (no CPU kernel takes dropout). Without the switch it upcasts
+  bf16 q/k/v to fp32 and runs the two attention products in fp32 (2.7x slower on the CPU profile); with it,
+  the products run in bf16 with fp32 accumulation, the precision the flash kernels use on GPUs.
+
+FID features must not depend on these switches: ``exact_fp32_matmul`` turns TF32 off around the Inception
+network, which can run inside a training process (the in-training FID hook).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def enable_fast_kernels() -> None:
+    torch.set_float32_matmul_precision("high")  # TF32 where the hardware has it
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)  # also governs the CPU math backend
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """fp32 matmuls in full fp32 inside the block, whatever the process-wide setting."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
