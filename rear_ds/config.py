@@ -209,7 +209,9 @@ class TrainConfig:
     micro_batch_size: int = 128  # per process
     grad_accum: int = 1
     max_steps: int = 250_000  # optimizer steps
-    precision: str = "bf16"  # "bf16", "fp16" or "fp32"; must agree with the DeepSpeed config
+    # "bf16" (DeepSpeed bf16 mode), "bf16_autocast" (fp32 weights, autocast forward), "fp16" or "fp32";
+    # must agree with the DeepSpeed config (rear_ds.training.ds_config.precision_of)
+    precision: str = "bf16"
     activation_checkpointing: str = "off"  # "off", "all" or "every_k"
     checkpoint_every_k: int = 2  # with "every_k": blocks 0, k, 2k, ... are checkpointed
     log_every: int = 50
@@ -234,8 +236,9 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "micro_batch_size", "grad_accum", "max_steps", "log_every",
                   "ckpt_every", "keep_last", "checkpoint_every_k", "collective_timeout_s")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'bf16', 'fp16' or 'fp32'")
+        if self.precision not in ("bf16", "bf16_autocast", "fp16", "fp32"):
+            raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'bf16', 'bf16_autocast', 'fp16' "
+                              "or 'fp32'")
         if self.eval_every < 0 or self.eval_num_samples < 2:
             raise ConfigError(f"{prefix}.eval_every must be >= 0 and {prefix}.eval_num_samples >= 2")
         if self.eval_every and not os.path.isfile(self.eval_ref_stats):

@@ -9,9 +9,11 @@ The run folder (train.out_dir) holds config.yaml, ds_config.json, log.jsonl, wan
 checkpoints/ (see rear_ds/training/checkpoint.py). A relaunch resumes from checkpoints/latest by itself.
 Exit codes: 0 finished, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue), 1 error.
 
-Precision with a bf16 DeepSpeed config: DeepSpeed keeps the module's weights in bf16 for forward/backward
-and holds fp32 master weights and fp32 Adam states in the (ZeRO) optimizer; the loss and its terms are
-computed in fp32 (the objective casts logits and features), gradients are clipped to norm 1.0 by DeepSpeed.
+Precision (train.precision, matching the DeepSpeed JSON): "bf16" keeps the module's weights in bf16 for
+forward/backward with fp32 master weights and fp32 Adam states in the (ZeRO) optimizer; "bf16_autocast"
+keeps fp32 weights and gradients and runs the engine's forward under torch.autocast(bf16), as the reference
+does. Either way the loss and its terms are computed in fp32 (the objective casts logits and features), and
+gradients are clipped to norm 1.0 by DeepSpeed.
 """
 from __future__ import annotations
 

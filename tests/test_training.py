@@ -3,7 +3,8 @@
 backs several claims; module-scoped fixtures run them once.
 
 Launches: reference ZeRO-2 (40 steps) | SIGKILL -> partial checkpoint -> SIGTERM (exit 75) -> finish chain |
-ZeRO-2 2 -> 1 process universal resume | ZeRO-2 + activation checkpointing | ZeRO-1 under torchrun |
+ZeRO-2 2 -> 1 process universal resume | ZeRO-2 + activation checkpointing | ZeRO-2 bf16_autocast + fp32 |
+ZeRO-1 under torchrun |
 ZeRO-3 + every_k checkpointing + disk-full fault. Config errors run in-process (they fail before any launch).
 """
 from __future__ import annotations
@@ -108,6 +109,16 @@ def test_ds_config_auto_fill(tiny_cfg):
     with pytest.raises(ConfigError, match="optim.lr"):
         dsc.resolve({"fp16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 0.5}}},
                     tiny_cfg, 1)
+    # precision modes: the autocast config needs train.precision=bf16_autocast, one mode at a time, bf16 only
+    autocast = dsc.load_json(os.path.join(th.ROOT, "ds_configs/zero2_bf16_autocast.json"))
+    with pytest.raises(ConfigError, match="train.precision='fp16'.*'bf16_autocast'"):
+        dsc.resolve(autocast, tiny_cfg, 2)
+    tiny_cfg.train.precision = "bf16_autocast"
+    assert dsc.resolve(autocast, tiny_cfg, 2)["torch_autocast"]["lower_precision_safe_modules"] == []
+    with pytest.raises(ConfigError, match="enables bf16 and torch_autocast"):
+        dsc.resolve(dict(autocast, bf16={"enabled": True}), tiny_cfg, 2)
+    with pytest.raises(ConfigError, match="torch_autocast.dtype='float16'"):
+        dsc.resolve(dict(autocast, torch_autocast={"enabled": True, "dtype": "float16"}), tiny_cfg, 2)
 
 
 def test_weight_decay_groups_and_schedule(tiny_model):
@@ -237,6 +248,38 @@ def test_activation_checkpointing_same_loss(reference, data, tmp_path):
     assert res.returncode == 0, res.output[-5000:]
     ref, got = th.losses(reference), th.losses(out)
     assert [got[s]["loss"] for s in range(1, 7)] == [ref[s]["loss"] for s in range(1, 7)]
+
+
+def test_bf16_autocast_mode_keeps_fp32_weights(reference, data, tmp_path):
+    """train.precision=bf16_autocast (the reference recipe: fp32 weights, autocast forward) with
+    ds_configs/zero2_bf16_autocast.json: fp32 weights in the checkpoint where bf16 mode keeps bf16 ones; the
+    first loss differs from an fp32 run's (the products really run in bf16) but only by rounding (same model,
+    data and draws), and it trains."""
+    out = str(tmp_path / "autocast")
+    res = th.run(th.command("zero2_bf16_autocast.json",
+                            th.base_overrides(out, data, 10, "train.precision=bf16_autocast")))
+    assert res.returncode == 0, res.output[-5000:]
+    fp32_json = tmp_path / "zero2_fp32.json"
+    ds = json.load(open(os.path.join(th.ROOT, "ds_configs/zero2_bf16_autocast.json")))
+    del ds["torch_autocast"]
+    fp32_json.write_text(json.dumps(ds))
+    out32 = str(tmp_path / "fp32")
+    res = th.run(th.command(str(fp32_json), th.base_overrides(out32, data, 1, "train.precision=fp32")))
+    assert res.returncode == 0, res.output[-5000:]
+
+    def module_dtypes(run_dir):
+        tag = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
+        sd = torch.load(glob.glob(os.path.join(run_dir, "checkpoints", tag, "*model_states.pt"))[0],
+                        map_location="cpu", weights_only=False)["module"]
+        return {v.dtype for v in sd.values()}
+
+    assert module_dtypes(out) == {torch.float32}
+    assert module_dtypes(reference) == {torch.bfloat16}
+    auto, full, bf16 = th.losses(out), th.losses(out32), th.losses(reference)
+    assert json.loads(open(os.path.join(out, "log.jsonl")).readline())["precision"] == "bf16_autocast"
+    assert auto[1]["loss"] != full[1]["loss"]
+    assert abs(auto[1]["loss"] - full[1]["loss"]) < 0.02 and abs(auto[1]["loss"] - bf16[1]["loss"]) < 0.02
+    assert sum(auto[s]["loss"] for s in (8, 9, 10)) < sum(auto[s]["loss"] for s in (1, 2, 3))
 
 
 def test_zero1_under_torchrun_with_disk_full(data, tmp_path):

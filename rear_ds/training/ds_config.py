@@ -45,11 +45,24 @@ def _fill(ds: dict, key: str, value, yaml_key: str, where: str) -> None:
                           f"(write \"auto\" in the DeepSpeed config to take the YAML value)")
 
 
+BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")  # DeepSpeed's spellings of bfloat16
+
+
 def precision_of(ds: dict) -> str:
+    """"bf16" (DeepSpeed bf16 mode: bf16 weights, fp32 master weights in the optimizer), "bf16_autocast"
+    (fp32 weights and gradients, forward under torch.autocast(bf16): the reference recipe), "fp16" or "fp32"."""
     bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
     fp16 = ds.get("fp16", {}).get("enabled", False)
-    if bf16 and fp16:
-        raise ConfigError("DeepSpeed config enables both bf16 and fp16")
+    autocast = ds.get("torch_autocast", {})
+    on = [name for name, enabled in (("bf16", bf16), ("fp16", fp16), ("torch_autocast", autocast.get("enabled")))
+          if enabled]
+    if len(on) > 1:
+        raise ConfigError(f"DeepSpeed config enables {' and '.join(on)}: choose one precision mode")
+    if autocast.get("enabled"):
+        if autocast.get("dtype") not in BF16_NAMES:
+            raise ConfigError(f"torch_autocast.dtype={autocast.get('dtype')!r}: expected one of {BF16_NAMES} "
+                              "(fp16 autocast would need a gradient scaler, which ZeRO does not apply)")
+        return "bf16_autocast"
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
@@ -76,7 +89,7 @@ def resolve(ds_in: dict, cfg: Config, world_size: int, path: str = "deepspeed co
     ds_prec = precision_of(ds)
     if ds_prec != t.precision:
         raise ConfigError(f"train.precision={t.precision!r} but {path} selects {ds_prec!r} "
-                          f"(its bf16.enabled / fp16.enabled); make them agree")
+                          f"(its bf16 / fp16 / torch_autocast sections); make them agree")
     for block, keys in (("optimizer", _OPTIM_KEYS), ("scheduler", _SCHED_KEYS)):
         if block in ds:
             params = ds[block].get("params", {})
