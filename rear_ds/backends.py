@@ -21,7 +21,9 @@ import torch
 
 def enable_fast_kernels() -> None:
     torch.set_float32_matmul_precision("high")  # TF32 where the hardware has it
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)  # also governs the CPU math backend
+    allow_reduced = getattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp", None)  # torch >= 2.5
+    if allow_reduced is not None:
+        allow_reduced(True)  # despite the name, it also governs the CPU math backend
 
 
 @contextlib.contextmanager
