@@ -254,7 +254,7 @@ def test_bf16_autocast_mode_keeps_fp32_weights(reference, data, tmp_path):
     """train.precision=bf16_autocast (the reference recipe: fp32 weights, autocast forward) with
     ds_configs/zero2_bf16_autocast.json: fp32 weights in the checkpoint where bf16 mode keeps bf16 ones; the
     first loss differs from an fp32 run's (the products really run in bf16) but only by rounding (same model,
-    data and draws), and it trains."""
+    data and draws); it trains and resumes."""
     out = str(tmp_path / "autocast")
     res = th.run(th.command("zero2_bf16_autocast.json",
                             th.base_overrides(out, data, 10, "train.precision=bf16_autocast")))
@@ -280,6 +280,11 @@ def test_bf16_autocast_mode_keeps_fp32_weights(reference, data, tmp_path):
     assert auto[1]["loss"] != full[1]["loss"]
     assert abs(auto[1]["loss"] - full[1]["loss"]) < 0.02 and abs(auto[1]["loss"] - bf16[1]["loss"]) < 0.02
     assert sum(auto[s]["loss"] for s in (8, 9, 10)) < sum(auto[s]["loss"] for s in (1, 2, 3))
+    # and it resumes (its checkpoints pass the pickle scan and load into the fp32 engine)
+    res = th.run(th.command("zero2_bf16_autocast.json",
+                            th.base_overrides(out, data, 12, "train.precision=bf16_autocast")))
+    assert res.returncode == 0, res.output[-5000:]
+    assert "resumed from" in res.output and sorted(th.losses(out)) == list(range(1, 13))
 
 
 def test_zero1_under_torchrun_with_disk_full(data, tmp_path):
