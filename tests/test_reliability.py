@@ -347,3 +347,23 @@ def test_reader_leaves_the_global_rng_alone(tmp_path):
     next(loader)
     assert torch.equal(state, torch.get_rng_state())
     assert first[0].shape == (8, 16)
+
+
+def test_heartbeat_rewrites_in_place_and_starts_empty(tmp_path):
+    """One file per rank, rewritten in place every step (no create/rename per step); a new run truncates it so
+    a previous run's record never passes for this one's; describe_peers reads it back."""
+    from rear_ds.training.launch_env import Heartbeat, describe_peers
+
+    out = str(tmp_path)
+    hb0, hb1 = Heartbeat(out, 0), Heartbeat(out, 1)
+    for step in range(1, 12):
+        hb1.beat(step)
+    hb0.beat(11)
+    ino = os.stat(hb1.path).st_ino
+    hb1.beat(123456789)  # a longer record, then a shorter one: no stale tail may remain
+    hb1.beat(12)
+    assert os.stat(hb1.path).st_ino == ino  # same file: rewritten, not replaced
+    assert json.load(open(hb1.path))["step"] == 12
+    assert "rank 1 (pid" in describe_peers(out, 0, 2) and "last finished step 12" in describe_peers(out, 0, 2)
+    Heartbeat(out, 1)  # the next run of this rank
+    assert "rank 1: no heartbeat" in describe_peers(out, 0, 2)
