@@ -199,9 +199,37 @@ def test_align_layer_out_of_range_rejected():
 def test_model_info_cli(capsys):
     from rear_ds.model_info import main
 
-    main(["configs/rear_b.yaml"])
+    main(["configs/rear_b.yaml", "--world-size", "4"])
     out = capsys.readouterr().out
     assert "260.9M" in out and "273.5M" in out and "FLOPs per training sample" in out
+    assert "per process with 4 processes" in out and "bf16_autocast" in out
+
+
+def test_memory_plan_matches_measured_deepspeed_state():
+    """model_info's bytes-per-parameter model against what bench/zero_memory.py measured on real DeepSpeed
+    engines (the committed CPU results: 2 processes, bf16 and fp32 weights, ZeRO-0..3), within 3%."""
+    import glob
+    import json
+    import os
+
+    from rear_ds.model_info import state_bytes_per_param
+
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    files = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "cpu_*.json")))
+    files = [f for f in files if "zero" in json.load(open(f)).get("sections", {})]
+    assert files, "no committed CPU benchmark with a ZeRO section"
+    zero = json.load(open(files[-1]))["sections"]["zero"]
+    n, params = zero["world_size"], zero["param_count"]
+    for bench_prec, prec in (("bf16", "bf16"), ("fp32", "bf16_autocast")):
+        for stage in range(4):
+            measured = zero["summary"][bench_prec][f"zero{stage}"]["params_grads_optimizer_bytes_max_rank"]
+            if stage == 1:  # measured after the step, when ZeRO-1 has reduced its gradients into partitions
+                b = state_bytes_per_param(prec, 2, n)
+            else:
+                b = state_bytes_per_param(prec, stage, n)
+            model = params * sum(b.values())
+            assert abs(model - measured) / measured < 0.03, (prec, stage, model, measured)
 
 
 def test_released_checkpoint_loads_strictly(tmp_path, tiny_cfg, tiny_model):
