@@ -91,9 +91,9 @@ def train(cfg, ds_cfg: dict, env) -> int:
     import deepspeed
     import torch.distributed as dist
 
+    from rear_ds.backends import enable_fast_kernels
     from rear_ds.data.reader import build_train_loader
     from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
-    from rear_ds.backends import enable_fast_kernels
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
