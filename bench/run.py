@@ -73,7 +73,7 @@ def plan_for(quick: bool, gpu: bool) -> dict:
         "warmup": 1, "repeats": 3, "compile_sizes": [],
         # activation memory is a forward pass only: the real reAR-S and reAR-L fit at batch 1 on the CPU
         "memory": [("tiny", 16), ("s_d4", 4), ("s", 1), ("l", 1)],
-        "zero": {"size": "s_w256", "micro_batch": 1, "stages": "0,1,2,3", "precisions": "bf16,fp32"},
+        "zero": {"size": "s_w256", "micro_batch": 1, "stages": "0,1,2,3", "precisions": "bf16,bf16_autocast,fp32"},
         # recompute at 256 tokens is ~N/2 times the work: one timed run after no separate warm-up (each run
         # is itself 256 forward calls)
         "sampling": [("tiny", 8), ("s_w256", 2)], "sampling_repeats": 2, "sampling_recompute_repeats": (0, 1),

@@ -126,8 +126,12 @@ def ds_config(stage: int, precision: str, micro_batch: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16":
+    if precision == "bf16":  # DeepSpeed bf16 mode: bf16 weights, fp32 master weights in the optimizer
         cfg["bf16"] = {"enabled": True}
+    elif precision == "bf16_autocast":  # fp32 weights, autocast forward (ds_configs/zero2_bf16_autocast.json)
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    elif precision != "fp32":
+        raise ValueError(f"precision {precision!r}: expected bf16, bf16_autocast or fp32")
     return cfg
 
 
