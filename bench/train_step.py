@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import statistics
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -100,6 +101,32 @@ def bench_train(impl: str, size: str, cfg: ModelConfig, batch: int, device: torc
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     del r
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_vs_eager(size: str, cfg: ModelConfig, batch: int, device: torch.device, warmup: int = 1,
+                   pairs: int = 6, precision: str = "bf16") -> dict:
+    """rear and eager steps alternated in one process (which goes first alternates too), so that the slow drifts
+    of a shared machine hit both alike; the verdict is the median of the per-pair time ratios."""
+    rear = StepRunner("rear", cfg, batch, device, precision)
+    eager = StepRunner("eager", cfg, batch, device, precision)
+    for _ in range(warmup):
+        rear.step()
+        eager.step()
+    t_rear, t_eager = [], []
+    for i in range(pairs):
+        order = [(rear, t_rear), (eager, t_eager)]
+        for runner, times in (order if i % 2 == 0 else order[::-1]):
+            times.append(time_fn(runner.step, device, warmup=0, repeats=1)["median_s"])
+    ratios = [a / b for a, b in zip(t_rear, t_eager)]
+    out = {"size": size, "batch": batch, "precision": precision, "pairs": pairs, "warmup": warmup,
+           "rear_optimizer": rear.opt_name, "eager_optimizer": eager.opt_name,
+           "rear_s": [round(t, 6) for t in t_rear], "eager_s": [round(t, 6) for t in t_eager],
+           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    del rear, eager
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
