@@ -107,26 +107,32 @@ def bench_train(impl: str, size: str, cfg: ModelConfig, batch: int, device: torc
     return out
 
 
-def bench_vs_eager(size: str, cfg: ModelConfig, batch: int, device: torch.device, warmup: int = 1,
-                   pairs: int = 6, precision: str = "bf16") -> dict:
-    """rear and eager steps alternated in one process (which goes first alternates too), so that the slow drifts
-    of a shared machine hit both alike; the verdict is the median of the per-pair time ratios."""
-    rear = StepRunner("rear", cfg, batch, device, precision)
-    eager = StepRunner("eager", cfg, batch, device, precision)
+def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.device, warmup: int = 1,
+                      rounds: int = 6, precision: str = "bf16") -> dict:
+    """The two step-time targets from one process: rear (no checkpointing), rear with every block checkpointed,
+    and the eager reference take turns, one step each per round, in a rotating order, so that the slow drifts
+    of a shared machine hit all three alike. The verdicts are medians of the per-round ratios."""
+    runners = {"rear": StepRunner("rear", cfg, batch, device, precision),
+               "rear_ckpt_all": StepRunner("rear", cfg, batch, device, precision, ckpt="all"),
+               "eager": StepRunner("eager", cfg, batch, device, precision)}
     for _ in range(warmup):
-        rear.step()
-        eager.step()
-    t_rear, t_eager = [], []
-    for i in range(pairs):
-        order = [(rear, t_rear), (eager, t_eager)]
-        for runner, times in (order if i % 2 == 0 else order[::-1]):
-            times.append(time_fn(runner.step, device, warmup=0, repeats=1)["median_s"])
-    ratios = [a / b for a, b in zip(t_rear, t_eager)]
-    out = {"size": size, "batch": batch, "precision": precision, "pairs": pairs, "warmup": warmup,
-           "rear_optimizer": rear.opt_name, "eager_optimizer": eager.opt_name,
-           "rear_s": [round(t, 6) for t in t_rear], "eager_s": [round(t, 6) for t in t_eager],
-           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    del rear, eager
+        for r in runners.values():
+            r.step()
+    names = list(runners)
+    times: dict = {n: [] for n in names}
+    for i in range(rounds):
+        for n in names[i % 3:] + names[:i % 3]:
+            times[n].append(time_fn(runners[n].step, device, warmup=0, repeats=1)["median_s"])
+    over_eager = [a / b for a, b in zip(times["rear"], times["eager"])]
+    ckpt_over = [a / b for a, b in zip(times["rear_ckpt_all"], times["rear"])]
+    out = {"size": size, "batch": batch, "precision": precision, "rounds": rounds, "warmup": warmup,
+           "optimizers": {n: r.opt_name for n, r in runners.items()},
+           "step_s": {n: [round(t, 6) for t in v] for n, v in times.items()},
+           "rear_over_eager": {"median": statistics.median(over_eager), "min": min(over_eager),
+                               "max": max(over_eager)},
+           "ckpt_time_overhead": {"median": statistics.median(ckpt_over) - 1, "min": min(ckpt_over) - 1,
+                                  "max": max(ckpt_over) - 1}}
+    del runners
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

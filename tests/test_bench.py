@@ -73,10 +73,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert _finite_positive(r["samples_per_s"]) and _finite_positive(r["tokens_per_s"])
         assert _finite_positive(r["achieved_tflops"]) and _finite_positive(r["step_time"]["median_s"])
         assert "mfu" in r and (r["mfu"] is None) == (m["peak_bf16_tflops"] is None)
-    pair = S["train"]["vs_eager_paired"][0]  # alternating rear/eager steps: the ratio the target uses
-    assert len(pair["rear_s"]) == len(pair["eager_s"]) == pair["pairs"] >= 1
-    assert _finite_positive(pair["ratio_median"])
-    assert doc["targets"]["vs_eager"]["rear_over_eager_step_time"] == pair["ratio_median"]
+    inter = S["train"]["interleaved"][0]  # rear / rear ckpt=all / eager in turns: what the step targets use
+    assert set(inter["step_s"]) == {"rear", "rear_ckpt_all", "eager"}
+    assert all(len(v) == inter["rounds"] >= 1 and all(map(_finite_positive, v)) for v in inter["step_s"].values())
+    assert doc["targets"]["vs_eager"]["rear_over_eager_step_time"] == inter["rear_over_eager"]["median"]
+    assert doc["targets"]["ckpt_activation_memory"]["time_overhead"] == inter["ckpt_time_overhead"]["median"]
     mem = S["memory"]["results"][0]
     assert mem["modes"]["off"]["activation_bytes"] > mem["modes"]["all"]["activation_bytes"] > 0
     for r in S["sampling"]["results"]:
