@@ -71,6 +71,11 @@ class StepRunner:
                                   rho=1.0, generator=self.gen)
         return loss
 
+    def forward_backward(self):
+        """The step without clipping and the optimizer: what the model and loss code alone cost."""
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+
     def step(self):
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss()
@@ -111,27 +116,35 @@ def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.dev
                       rounds: int = 6, precision: str = "bf16") -> dict:
     """The two step-time targets from one process: rear (no checkpointing), rear with every block checkpointed,
     and the eager reference take turns, one step each per round, in a rotating order, so that the slow drifts
-    of a shared machine hit all three alike. The verdicts are medians of the per-round ratios."""
+    of a shared machine hit all alike. The verdicts are medians of the per-round ratios. Forward + loss +
+    backward alone (no clipping, no optimizer) is timed in the same rounds for rear and eager, so the share
+    of the difference that comes from the optimizer is visible."""
     runners = {"rear": StepRunner("rear", cfg, batch, device, precision),
                "rear_ckpt_all": StepRunner("rear", cfg, batch, device, precision, ckpt="all"),
                "eager": StepRunner("eager", cfg, batch, device, precision)}
     for _ in range(warmup):
         for r in runners.values():
             r.step()
-    names = list(runners)
+    tasks = {n: r.step for n, r in runners.items()}
+    tasks.update(rear_fwd_bwd=runners["rear"].forward_backward, eager_fwd_bwd=runners["eager"].forward_backward)
+    names = list(tasks)
     times: dict = {n: [] for n in names}
     for i in range(rounds):
-        for n in names[i % 3:] + names[:i % 3]:
-            times[n].append(time_fn(runners[n].step, device, warmup=0, repeats=1)["median_s"])
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(time_fn(tasks[n], device, warmup=0, repeats=1)["median_s"])
     over_eager = [a / b for a, b in zip(times["rear"], times["eager"])]
     ckpt_over = [a / b for a, b in zip(times["rear_ckpt_all"], times["rear"])]
+    fb_over_eager = [a / b for a, b in zip(times["rear_fwd_bwd"], times["eager_fwd_bwd"])]
     out = {"size": size, "batch": batch, "precision": precision, "rounds": rounds, "warmup": warmup,
            "optimizers": {n: r.opt_name for n, r in runners.items()},
            "step_s": {n: [round(t, 6) for t in v] for n, v in times.items()},
            "rear_over_eager": {"median": statistics.median(over_eager), "min": min(over_eager),
                                "max": max(over_eager)},
            "ckpt_time_overhead": {"median": statistics.median(ckpt_over) - 1, "min": min(ckpt_over) - 1,
-                                  "max": max(ckpt_over) - 1}}
+                                  "max": max(ckpt_over) - 1},
+           "fwd_bwd_rear_over_eager": {"median": statistics.median(fb_over_eager), "min": min(fb_over_eager),
+                                       "max": max(fb_over_eager)}}
     del runners
     gc.collect()
     if device.type == "cuda":

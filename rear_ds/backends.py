@@ -9,8 +9,8 @@ Both are global flags in torch, so they live here, named, instead of being flipp
   bf16 q/k/v to fp32 and runs the two attention products in fp32 (2.7x slower on the CPU profile); with it,
   the products run in bf16 with fp32 accumulation, the precision the flash kernels use on GPUs.
 
-FID features must not depend on these switches: ``exact_fp32_matmul`` turns TF32 off around the Inception
-network, which can run inside a training process (the in-training FID hook).
+FID features must not depend on these switches: ``exact_fp32`` turns TF32 off (matmuls and cuDNN
+convolutions) around the Inception network, which can also run inside a training process (the FID hook).
 """
 from __future__ import annotations
 
@@ -27,11 +27,23 @@ def enable_fast_kernels() -> None:
 
 
 @contextlib.contextmanager
-def exact_fp32_matmul():
-    """fp32 matmuls in full fp32 inside the block, whatever the process-wide setting."""
-    previous = torch.get_float32_matmul_precision()
+def exact_fp32():
+    """fp32 matmuls and cuDNN convolutions in full fp32 inside the block (no TF32), whatever the process-wide
+    settings; torch enables TF32 for cuDNN convolutions by default, independently of enable_fast_kernels."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = conv is not None and hasattr(conv, "fp32_precision")  # torch >= 2.9
+    previous_mm = torch.get_float32_matmul_precision()
+    previous_conv = conv.fp32_precision if new_api else torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
+    if new_api:
+        conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.set_float32_matmul_precision(previous_mm)
+        if new_api:
+            conv.fp32_precision = previous_conv
+        else:
+            torch.backends.cudnn.allow_tf32 = previous_conv

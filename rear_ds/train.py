@@ -147,6 +147,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
         path, client = engine.load_checkpoint(ckpt_dir, tag=load_tag)
         if path is None:
             raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, load_tag)}")
+        optim.place_optimizer_state(engine.optimizer)  # e.g. a universal checkpoint's CPU `step` tensors
         step, samples_seen = int(client["step"]), int(client["samples_seen"])
         wandb_id, rank_states = client.get("wandb_id"), client.get("rank_states")
         log.info("resumed from %s: step %d, %d samples seen%s", os.path.join(ckpt_dir, load_tag), step,

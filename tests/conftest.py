@@ -12,6 +12,17 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _restore_kernel_switches():
+    """In-process CLI calls (rear_ds.sample.main) set process-wide kernel switches (rear_ds.backends); put them
+    back so that no test's numerics depend on which tests ran before it."""
+    matmul = torch.get_float32_matmul_precision()
+    reduced_sdp = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced_sdp)
+
+
 @pytest.fixture
 def tiny_cfg():
     from rear_ds.config import load_config

@@ -74,10 +74,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert _finite_positive(r["achieved_tflops"]) and _finite_positive(r["step_time"]["median_s"])
         assert "mfu" in r and (r["mfu"] is None) == (m["peak_bf16_tflops"] is None)
     inter = S["train"]["interleaved"][0]  # rear / rear ckpt=all / eager in turns: what the step targets use
-    assert set(inter["step_s"]) == {"rear", "rear_ckpt_all", "eager"}
+    assert set(inter["step_s"]) == {"rear", "rear_ckpt_all", "eager", "rear_fwd_bwd", "eager_fwd_bwd"}
     assert all(len(v) == inter["rounds"] >= 1 and all(map(_finite_positive, v)) for v in inter["step_s"].values())
     assert doc["targets"]["vs_eager"]["rear_over_eager_step_time"] == inter["rear_over_eager"]["median"]
     assert doc["targets"]["ckpt_activation_memory"]["time_overhead"] == inter["ckpt_time_overhead"]["median"]
+    assert _finite_positive(doc["targets"]["vs_eager"]["fwd_bwd_rear_over_eager"])
     mem = S["memory"]["results"][0]
     assert mem["modes"]["off"]["activation_bytes"] > mem["modes"]["all"]["activation_bytes"] > 0
     for r in S["sampling"]["results"]:

@@ -115,6 +115,8 @@ def test_ds_config_auto_fill(tiny_cfg):
         dsc.resolve(autocast, tiny_cfg, 2)
     tiny_cfg.train.precision = "bf16_autocast"
     assert dsc.resolve(autocast, tiny_cfg, 2)["torch_autocast"]["lower_precision_safe_modules"] == []
+    bare = dict(autocast, torch_autocast={"enabled": True, "dtype": "bf16"})  # fp32 reduction unless told
+    assert dsc.resolve(bare, tiny_cfg, 2)["torch_autocast"]["lower_precision_safe_modules"] == []
     with pytest.raises(ConfigError, match="enables bf16 and torch_autocast"):
         dsc.resolve(dict(autocast, bf16={"enabled": True}), tiny_cfg, 2)
     with pytest.raises(ConfigError, match="torch_autocast.dtype='float16'"):
@@ -132,6 +134,29 @@ def test_weight_decay_groups_and_schedule(tiny_model):
     assert not any("bias" in n or "norm" in n or "embed" in n for n in decay)
     assert optim.lr_lambda(0, 5, 40, 1e-3, 1e-4) == 0 and optim.lr_lambda(5, 5, 40, 1e-3, 1e-4) == 1.0
     assert math.isclose(optim.lr_lambda(40, 5, 40, 1e-3, 1e-4) * 1e-3, 1e-4)
+
+
+def test_optimizer_state_is_placed_after_resume(tiny_model):
+    """place_optimizer_state finds the torch optimizer inside wrappers and puts `step` where fused AdamW wants
+    it (float32, on the parameter's device), as DeepSpeed's universal loader does not."""
+    from types import SimpleNamespace
+
+    from rear_ds.config import OptimConfig
+    from rear_ds.training import optim
+
+    opt, name = optim.build_optimizer(tiny_model, OptimConfig(), torch.device("cpu"), offload=False)
+    assert name == "torch.optim.AdamW(fused)" and opt.defaults["fused"]
+    for p in tiny_model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    p0 = next(iter(tiny_model.parameters()))
+    opt.state[p0]["step"] = torch.tensor(7.0, dtype=torch.float64)  # as a loader might leave it
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))  # DeepSpeed-style nesting
+    assert optim.inner_optimizer(wrapped) is opt
+    assert optim.place_optimizer_state(wrapped) == 1
+    assert opt.state[p0]["step"].dtype == torch.float32 and opt.state[p0]["step"].item() == 7.0
+    opt.step()  # the fused kernel accepts it
+    assert optim.place_optimizer_state(wrapped) == 0
 
 
 def test_nodelist_parser():

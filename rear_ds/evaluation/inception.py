@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rear_ds.backends import exact_fp32_matmul
+from rear_ds.backends import exact_fp32
 from rear_ds.models.weights import weights_sha256
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -129,7 +129,7 @@ class InceptionFeatures:
         pools, logits = [], []
         for s in range(0, images.shape[0], self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[s:s + self.batch_size])).permute(0, 3, 1, 2)
-            with exact_fp32_matmul():  # the same features inside a training process (TF32 on) as alone
+            with exact_fp32():  # no TF32: the same features inside a training process as alone, on any GPU
                 pool, logit = self.model(x.to(self.device))
             pools.append(pool.double().cpu().numpy())
             logits.append(logit.double().cpu().numpy())

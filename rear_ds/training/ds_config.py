@@ -90,6 +90,10 @@ def resolve(ds_in: dict, cfg: Config, world_size: int, path: str = "deepspeed co
     if ds_prec != t.precision:
         raise ConfigError(f"train.precision={t.precision!r} but {path} selects {ds_prec!r} "
                           f"(its bf16 / fp16 / torch_autocast sections); make them agree")
+    if ds_prec == "bf16_autocast":
+        # Unless the JSON names modules, none is "lower-precision safe": gradients are reduced in fp32, as in
+        # the reference (DeepSpeed's default would tag torch.nn.Linear parameters for bf16 reduction).
+        ds["torch_autocast"].setdefault("lower_precision_safe_modules", [])
     for block, keys in (("optimizer", _OPTIM_KEYS), ("scheduler", _SCHED_KEYS)):
         if block in ds:
             params = ds[block].get("params", {})

@@ -144,9 +144,12 @@ class Heartbeat:
 
     The file is opened once and rewritten in place with one fixed-size ``pwrite`` per step: no file creation or
     rename per step, which on a shared filesystem (Lustre, NFS) would be a metadata operation per rank per step.
-    The fixed size (JSON padded with spaces, which JSON ignores) means no shorter record leaves a tail behind."""
+    The fixed size (JSON padded with spaces, which JSON ignores) means no shorter record leaves a tail behind.
+    An fdatasync every SYNC_EVERY_S seconds pushes the record to an NFS server, so that readers on other hosts
+    see it within that time rather than at the kernel's next writeback."""
 
     RECORD_BYTES = 512
+    SYNC_EVERY_S = 5.0
 
     def __init__(self, out_dir: str, rank: int):
         import json
@@ -158,14 +161,19 @@ class Heartbeat:
         self.path = os.path.join(self.dir, f"rank_{rank}.json")
         # Truncated at start: a previous run's record must not pass for this run's.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._synced_at = 0.0
 
     def beat(self, step: int) -> None:
         import time
 
+        now = time.time()
         rec = self._json.dumps({"rank": self.rank, "pid": os.getpid(), "host": self.host, "step": step,
-                                "time": time.time()}).encode()
+                                "time": now}).encode()
         try:
             os.pwrite(self._fd, rec.ljust(self.RECORD_BYTES), 0)
+            if now - self._synced_at >= self.SYNC_EVERY_S:
+                os.fdatasync(self._fd)
+                self._synced_at = now
         except OSError:
             pass  # diagnostics only: never fail training over it
 
