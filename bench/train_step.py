@@ -10,7 +10,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from rear_ds.config import ModelConfig, ObjectiveConfig, OptimConfig
 from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
 from rear_ds.objective import ReARObjective
-from rear_ds.training.optim import build_optimizer
+from rear_ds.training.optim import build_optimizer, param_groups
 
 from .common import autocast, peak_tflops, sync, time_fn
 from .eager_reference import EagerReAR, eager_loss
@@ -22,10 +22,8 @@ def _optimizer(impl: str, model: torch.nn.Module, device: torch.device):
     ocfg = OptimConfig()
     if impl == "rear":
         return build_optimizer(model, ocfg, device, offload=False)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return (torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps),
+    return (torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=tuple(ocfg.betas),
+                              eps=ocfg.eps),
             "torch.optim.AdamW (defaults)")
 
 

@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rear_ds.training.optim import inner_optimizer, param_groups  # noqa: E402
+
 
 def _ptr(t):
     st = t.untyped_storage()
@@ -73,13 +75,6 @@ def _walk(obj, ledger: Ledger, name: str, depth: int, visited: set):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             _walk(v, ledger, name, depth + 1, visited)
-
-
-def inner_optimizer(opt):
-    """The torch optimizer inside DeepSpeed's wrappers (BF16_Optimizer, DeepSpeedZeroOptimizer[_Stage3])."""
-    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
-        opt = opt.optimizer
-    return opt
 
 
 def snapshot(engine) -> dict:
@@ -148,11 +143,7 @@ def run_stage(stage: int, precision: str, model_cfg, micro_batch: int, steps: in
         torch.cuda.reset_peak_memory_stats()
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         model = ReARGenerator(model_cfg)
-    decay = [p for n, p in model.named_parameters() if (p.ds_shape if hasattr(p, "ds_shape") else p.shape).__len__() >= 2]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.03}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.96))
+    opt = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.96))  # the trainer's groups
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     dev = engine.device
     obj = ReARObjective(ObjectiveConfig(), model_cfg)

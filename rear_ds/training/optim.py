@@ -47,11 +47,9 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, offload: 
 
 
 def inner_optimizer(optimizer):
-    """The torch optimizer inside DeepSpeed's wrappers (BF16_Optimizer, DeepSpeedZeroOptimizer[_Stage3], ...)."""
-    seen = set()
-    while not isinstance(optimizer, torch.optim.Optimizer) and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", optimizer)
+    """The innermost optimizer inside DeepSpeed's wrappers (BF16_Optimizer, DeepSpeedZeroOptimizer[_Stage3], ...)."""
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
     return optimizer
 
 
