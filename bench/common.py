@@ -13,11 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from rear_ds.config import ModelConfig
-
-# Dense bf16 TFLOP/s (no sparsity). Same numbers as rear_ds.training.metrics.PEAK_TFLOPS (kept here so the
-# bench does not depend on the training package, which is being written concurrently).
-PEAK_TFLOPS = {"GH200": 989.0, "H200": 989.0, "H100": 989.0, "H800": 989.0, "B200": 2250.0,
-               "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+from rear_ds.training.metrics import peak_tflops_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,11 +26,23 @@ def peak_tflops(device: torch.device) -> Optional[float]:
     """Peak bf16 TFLOP/s of the device, None on the CPU or an unknown GPU (MFU is then null)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS[key]
-    return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))  # the trainer's table (dense bf16)
+
+
+def measured_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> Optional[float]:
+    """bf16 TFLOP/s of a large square matmul on this GPU (None on the CPU): what the datasheet peak shrinks to
+    in practice (about 790 of 989 on an H200), reported next to MFU as the ceiling the matmuls can reach."""
+    if device.type != "cuda":
+        return None
+    a, b, c = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(3))
+
+    def gemms():
+        for _ in range(iters):
+            torch.mm(a, b, out=c)
+
+    t = time_fn(gemms, device, warmup=1, repeats=3)
+    del a, b, c
+    return 2 * n ** 3 * iters / t["median_s"] / 1e12
 
 
 def sync(device: torch.device) -> None:
@@ -75,6 +83,9 @@ def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 1, repea
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or $REAR_GIT_COMMIT where the tree was copied without .git (a lent GPU machine)."""
+    if os.environ.get("REAR_GIT_COMMIT"):
+        return os.environ["REAR_GIT_COMMIT"] + " (from REAR_GIT_COMMIT)"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
@@ -117,6 +128,7 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_bf16_tflops": peak_tflops(device),
+        "measured_bf16_gemm_tflops": measured_gemm_tflops(device),
         "git_commit": git_commit(),
     }
     try:

@@ -51,8 +51,7 @@ def bench_tokenization(full_size: bool, batch: int, iters: int, device: torch.de
         tcfg = TokenizerConfig(name="toy_vq", image_size=32, base_channels=32, channel_mult=[1, 1, 2, 2],
                                num_res_blocks=1, codebook_size=64, embed_dim=16)
     tok = build_tokenizer(tcfg, load_weights=False, device=str(device))  # random weights: speed only
-    ips = bench_tokenizer(tok, image_size=tcfg.image_size, batch_size=batch, iters=iters, device=str(device),
-                          bf16=device.type == "cuda")
+    ips = bench_tokenizer(tok, image_size=tcfg.image_size, batch_size=batch, iters=iters, device=str(device))
     return {"images_per_s": ips, "tokenizer": tcfg.name, "image_size": tcfg.image_size, "batch": batch,
             "iters": iters, "weights": "random (throughput only)",
-            "params": sum(p.numel() for p in tok.parameters()), "bf16": device.type == "cuda"}
+            "params": sum(p.numel() for p in tok.parameters()), "precision": "fp32"}

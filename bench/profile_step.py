@@ -40,8 +40,21 @@ def profile_train_step(cfg: ModelConfig, batch: int, device: torch.device, steps
             r.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    return {"impl": impl, "batch": batch, "ckpt": ckpt,
+            **summarize(prof.key_averages(), on_gpu=device.type == "cuda", steps=steps, top=top)}
+
+
+def summarize(events, on_gpu: bool, steps: int, top: int = 15) -> dict:
+    """Top operators and operator families from ``prof.key_averages()`` rows.
+
+    On the CPU each operator row's self CPU time is used. On a GPU the kernels appear twice, as rows of their
+    own and inside the device time of the operator that launched them, so only the operator (CPU-side) rows
+    are kept and their self *device* time is used: each kernel's time is credited once, to its operator."""
+    from torch.autograd import DeviceType
+
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in events if not e.key.startswith("ProfilerStep")
+              and (not on_gpu or getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU)]
     total = sum(getattr(e, key) for e in events) or 1.0
     rows = sorted(events, key=lambda e: -getattr(e, key))
     fam: dict = {}
@@ -49,7 +62,7 @@ def profile_train_step(cfg: ModelConfig, batch: int, device: torch.device, steps
         f = _family(e.key)
         fam[f] = fam.get(f, 0.0) + getattr(e, key)
     return {
-        "impl": impl, "batch": batch, "steps": steps, "ckpt": ckpt, "metric": key,
+        "steps": steps, "metric": key,
         "top_ops": [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1000 / steps,
                      "share": getattr(e, key) / total, "calls_per_step": e.count / steps} for e in rows[:top]],
         "families": {k: {"self_ms_per_step": v / 1000 / steps, "share": v / total}

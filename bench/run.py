@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import shlex
@@ -64,6 +65,7 @@ def plan_for(quick: bool, gpu: bool) -> dict:
             "memory": [("s", 32), ("l", 32)],
             "zero": {"size": "s", "micro_batch": 8, "stages": "0,1,2,3", "precisions": "bf16"},
             "sampling": [("s", 64), ("l", 64)], "sampling_repeats": 2, "sampling_recompute_sizes": ["s"],
+            "sampling_recompute_repeats": (0, 1),
             "reader": {"micro_batch_size": 128, "num_samples": 16384, "batches": 60, "num_workers": 4},
             "tokenize": {"full_size": True, "batch": 32, "iters": 5},
             "profile": ("l", 64, 3), "compile": {"size": "tiny", "whole_model": True},
@@ -92,38 +94,59 @@ def _over_budget(plan) -> bool:
     return bool(plan.get("deadline")) and time.time() > plan["deadline"]
 
 
+class RowGuard:
+    """Runs one measurement of a section; a failure (an out-of-memory, a compile error) is recorded under
+    ``row_errors`` and the section goes on with its other rows, so one bad row does not lose the rest."""
+
+    def __init__(self, dev, log):
+        self.dev, self.log, self.errors = dev, log, []
+
+    def __call__(self, rows: list, label: str, fn) -> None:
+        self.log(label)
+        try:
+            rows.append(fn())
+        except Exception as e:
+            self.errors.append({"row": label, "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc()[-3000:]})
+            self.log(f"{label} FAILED: {type(e).__name__}: {e}")
+            gc.collect()
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def sec_train(plan, dev, log):
     from .train_step import bench_interleaved, bench_train
 
-    rows, interleaved, skipped = [], [], []
+    rows, interleaved, skipped, run = [], [], [], RowGuard(dev, log)
     for size, batch in plan["train"]:
         if _over_budget(plan):
             skipped.append(f"{size}: time budget exhausted")
             continue
         cfg = size_config(size)
         for mode in plan["train_ckpt_modes"]:
-            log(f"train rear {size} B={batch} ckpt={mode}")
-            rows.append(bench_train("rear", size, cfg, batch, dev, mode, plan["warmup"], plan["repeats"]))
+            run(rows, f"train rear {size} B={batch} ckpt={mode}",
+                lambda: bench_train("rear", size, cfg, batch, dev, mode, plan["warmup"], plan["repeats"]))
         if size in plan["compile_sizes"] and dev.type == "cuda":
-            log(f"train rear {size} B={batch} per-block torch.compile")
-            rows.append(bench_train("rear", size, cfg, batch, dev, "off", plan["warmup"] + 2, plan["repeats"],
+            run(rows, f"train rear {size} B={batch} per-block torch.compile",
+                lambda: bench_train("rear", size, cfg, batch, dev, "off", plan["warmup"] + 2, plan["repeats"],
                                     compile_blocks=True))
         if size in plan["eager_sizes"]:
-            log(f"train eager {size} B={batch}")
-            rows.append(bench_train("eager", size, cfg, batch, dev, "off", plan["warmup"], plan["repeats"]))
-            log(f"train rear / rear ckpt=all / eager {size} B={batch}, {plan['interleaved_rounds']} interleaved rounds")
-            interleaved.append(bench_interleaved(size, cfg, batch, dev, plan["warmup"], plan["interleaved_rounds"]))
-    return {"results": rows, "interleaved": interleaved, "not_run": skipped}
+            run(rows, f"train eager {size} B={batch}",
+                lambda: bench_train("eager", size, cfg, batch, dev, "off", plan["warmup"], plan["repeats"]))
+            run(interleaved, f"train rear / rear ckpt=all / eager {size} B={batch}, "
+                f"{plan['interleaved_rounds']} interleaved rounds",
+                lambda: bench_interleaved(size, cfg, batch, dev, plan["warmup"], plan["interleaved_rounds"]))
+    return {"results": rows, "interleaved": interleaved, "not_run": skipped, "row_errors": run.errors}
 
 
 def sec_memory(plan, dev, log):
     from .train_step import bench_activation_memory
 
-    rows = []
+    rows, run = [], RowGuard(dev, log)
     for size, batch in plan["memory"]:
-        log(f"activation memory {size} B={batch}")
-        rows.append(bench_activation_memory(size, size_config(size), batch, dev))
-    return {"results": rows}
+        run(rows, f"activation memory {size} B={batch}",
+            lambda: bench_activation_memory(size, size_config(size), batch, dev))
+    return {"results": rows, "row_errors": run.errors}
 
 
 def sec_zero(plan, dev, log, out_dir):
@@ -156,14 +179,14 @@ def sec_zero(plan, dev, log, out_dir):
 def sec_sampling(plan, dev, log):
     from .sampling_bench import bench_sampling
 
-    rows = []
+    rows, run = [], RowGuard(dev, log)
     for size, batch in plan["sampling"]:
         cfg = size_config(size)
-        log(f"sampling {size} B={batch} N={cfg.num_tokens}")
-        rows.append(bench_sampling(size, cfg, batch, dev, warmup=1, repeats=plan["sampling_repeats"],
+        run(rows, f"sampling {size} B={batch} N={cfg.num_tokens}",
+            lambda: bench_sampling(size, cfg, batch, dev, warmup=1, repeats=plan["sampling_repeats"],
                                    recompute=size in plan.get("sampling_recompute_sizes", [size]),
                                    recompute_repeats=plan.get("sampling_recompute_repeats")))
-    return {"results": rows}
+    return {"results": rows, "row_errors": run.errors}
 
 
 def sec_data(plan, dev, log):
@@ -242,16 +265,21 @@ def targets(res: dict, dev) -> dict:
             t["vs_eager"] = {"target": "step time <= the eager reference's (ratio <= 1)", "size": big,
                              "rear_over_eager_step_time": None, "speedup_x": None, "met": None, "method": note,
                              "ratio_range": [None, None]}
-        lrow = _find(train, impl="rear", size="l", ckpt="off")
+        # the best reAR-L step without checkpointing (eager blocks or per-block compiled)
+        lrows = [r for r in train if r["impl"] == "rear" and r["size"] == "l" and r["ckpt"] == "off"]
+        lrow = max(lrows, key=lambda r: r["mfu"] or 0.0) if lrows else None
         peak_known = res["machine"]["peak_bf16_tflops"] is not None
         t["mfu_l"] = {"target": ">= 50% MFU for reAR-L (bf16, full loss) on H100/H200",
-                      "mfu": lrow["mfu"] if lrow else None,
+                      "mfu": lrow["mfu"] if lrow else None, "compile_blocks": lrow["compile_blocks"] if lrow else None,
                       "samples_per_s": lrow["samples_per_s"] if lrow else None,
                       "met": (lrow["mfu"] >= 0.5) if (lrow and lrow["mfu"] is not None) else None,
+                      "fraction_of_measured_gemm": (lrow["achieved_tflops"] / res["machine"]["measured_bf16_gemm_tflops"]
+                                                    if lrow and res["machine"].get("measured_bf16_gemm_tflops") else None),
                       "note": None if (lrow and peak_known) else "needs a GPU with a known peak (CPU: MFU is null)"}
     if mem:
         t["ckpt_activation_memory_full_sizes"] = {
-            r["size"]: r.get("reduction_x") for r in mem if r["size"] in ("s", "b", "l")} or None
+            r["size"]: {"reduction_x": r.get("reduction_x"), "batch": r["batch"]}
+            for r in mem if r["size"] in ("s", "b", "l")} or None
     z = S.get("zero", {}).get("summary")
     if z:
         prec = "bf16" if "bf16" in z else next(iter(z))
@@ -267,8 +295,8 @@ def targets(res: dict, dev) -> dict:
             t["kv_cache_speedup"] = {"target": ">= 8x faster than recompute for 256 tokens", "size": r["size"],
                                      "speedup_x": r["kv_speedup_x"], "met": r["kv_speedup_x"] >= 8}
     d = S.get("data", {})
-    if "samples_per_s" in d and train:
-        rows = [r for r in train if r["impl"] == "rear" and r["ckpt"] == "off"]
+    rows = [r for r in train or [] if r["impl"] == "rear" and r["ckpt"] == "off"]
+    if "samples_per_s" in d and rows:
         fastest = max(r["samples_per_s"] for r in rows)
         big = rows[-1]
         t["reader_vs_step"] = {"target": "shard reader >= 10x the training step's consumption",
@@ -332,8 +360,9 @@ def markdown(res: dict) -> str:
                  f"{_f(x['reduction_x'])}x less, {_f(_pct(x['time_overhead']), 1)}% more time ({x['method']}; "
                  f"rounds ranged {_f(_pct(lo), 1)}-{_f(_pct(hi), 1)}%) | {x['met']} |")
     if T.get("ckpt_activation_memory_full_sizes"):
-        L.append("| (activation memory reduction at the real sizes, batch 1) | " + ", ".join(
-            f"reAR-{k.upper()} {_f(v)}x" for k, v in T["ckpt_activation_memory_full_sizes"].items()) + " | |")
+        L.append("| (activation memory reduction at the real sizes) | " + ", ".join(
+            f"reAR-{k.upper()} {_f(v['reduction_x'])}x (batch {v['batch']})"
+            for k, v in T["ckpt_activation_memory_full_sizes"].items()) + " | |")
     if "zero3_vs_zero0" in T:
         x = T["zero3_vs_zero0"]
         L.append(f"| ZeRO-3 / ZeRO-0 params+grads+optimizer per process, 2 procs ({x['precision']}) | "
@@ -348,7 +377,12 @@ def markdown(res: dict) -> str:
                  f"{_f(x['ratio_vs_paper_L_per_gpu_166'], 1)}x) | {x['met']} |")
     if "mfu_l" in T:
         x = T["mfu_l"]
-        L.append(f"| reAR-L MFU >= 50% (H100/H200) | {_f(x['mfu'])} {x.get('note') or ''} | {x['met']} |")
+        how = "" if x["mfu"] is None else (" (per-block torch.compile)" if x.get("compile_blocks") else " (eager blocks)")
+        gemm = "" if x.get("fraction_of_measured_gemm") is None else (
+            f" = {_f(x['fraction_of_measured_gemm'])} of the measured bf16 GEMM rate "
+            f"({_f(m.get('measured_bf16_gemm_tflops'), 0)} TFLOP/s)")
+        L.append(f"| reAR-L MFU >= 50% (H100/H200) | {_f(x['mfu'])}{how}{gemm}, {_f(x['samples_per_s'], 1)} samples/s "
+                 f"(paper: 166 per A800) {x.get('note') or ''} | {x['met']} |")
     L.append("")
     for name in SECTIONS:
         sec = S.get(name, {})
@@ -359,12 +393,13 @@ def markdown(res: dict) -> str:
         L.append("")
         L.append("**Training step** (forward + full reAR loss + backward + clip + AdamW, bf16 autocast; median of repeats)")
         L.append("")
-        L.append("| impl | size | batch | ckpt | compile | step s (median) | samples/s | tokens/s | TFLOP/s | MFU | peak mem MiB |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| impl | size | batch | ckpt | compile | step s (median) | samples/s | tokens/s | TFLOP/s | MFU | peak mem MiB | first step s |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in tr:
             L.append(f"| {r['impl']} | {r['size']} | {r['batch']} | {r['ckpt']} | {r['compile_blocks']} | "
                      f"{_f(r['step_time']['median_s'], 3)} | {_f(r['samples_per_s'])} | {_f(r['tokens_per_s'], 0)} | "
-                     f"{_f(r['achieved_tflops'], 3)} | {_f(r['mfu'])} | {_mib(r['peak_mem_bytes'])} |")
+                     f"{_f(r['achieved_tflops'], 3)} | {_f(r['mfu'])} | {_mib(r['peak_mem_bytes'])} | "
+                     f"{_f(r.get('first_step_s'), 2)} |")
         for p in S["train"].get("interleaved") or []:
             L.append("")
             L.append(f"Interleaved rounds, {p['size']} batch {p['batch']} (the targets' numbers; optimizers: "
@@ -408,7 +443,9 @@ def markdown(res: dict) -> str:
             rc = r["modes"].get("recompute")
             L.append(f"| {r['size']} | {r['num_tokens']} | {r['batch']} | {r['precision']} | "
                      f"{_f(r['modes']['kv_cache']['images_per_s'], 3)} | {_f(rc['images_per_s'], 3) if rc else 'n/a'} | "
-                     f"{_f(r.get('kv_speedup_x'), 1)}x | {r.get('same_tokens')} |")
+                     f"{_f(r.get('kv_speedup_x'), 1)}x | {r.get('same_tokens')}"
+                     + (f" ({100 * r['token_match_fraction']:.2f}% equal)" if r.get("same_tokens") is False else "")
+                     + " |")
     d, tk = S.get("data", {}), S.get("tokenize", {})
     if "samples_per_s" in d or "images_per_s" in tk:
         L.append("")
@@ -419,7 +456,7 @@ def markdown(res: dict) -> str:
                      f"{d['num_workers']} workers, 256-token samples, {d['helper']})")
         if "images_per_s" in tk:
             L.append(f"- tokenization: {_f(tk['images_per_s'], 3)} images/s ({tk['tokenizer']} {tk['image_size']}px, "
-                     f"{tk['params'] / 1e6:.1f}M params, batch {tk['batch']}, {tk['weights']}, bf16={tk['bf16']})")
+                     f"{tk['params'] / 1e6:.1f}M params, batch {tk['batch']}, {tk['weights']}, {tk.get('precision', 'fp32')})")
     pr = S.get("profile", {})
     if pr.get("families"):
         L.append("")
@@ -468,6 +505,13 @@ def update_markdown(path: str, res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def write_json(path: str, res: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (CI smoke; asserts nothing)")
@@ -514,8 +558,10 @@ def main(argv=None) -> int:
             "CPU numbers from a machine whose cores are shared with other jobs: expect +-20% noise; ratios "
             "measured in the same run are more meaningful than absolute numbers"),
         "plan_detail": {k: v for k, v in plan.items()},
+        "complete": False,  # true once every section ran and the targets were computed
         "sections": {},
     }
+    res["out_rel"] = os.path.relpath(os.path.abspath(out), REPO)
     runners = {"train": sec_train, "memory": sec_memory, "sampling": sec_sampling, "data": sec_data,
                "tokenize": sec_tokenize, "profile": sec_profile, "compile": sec_compile}
     with tempfile.TemporaryDirectory(prefix="rear_bench_") as tmp:
@@ -534,17 +580,21 @@ def main(argv=None) -> int:
                 else:
                     sec = runners[name](plan, dev, log)
                 sec.setdefault("status", "skipped" if "skipped" in sec else "ok")
+                if sec.get("row_errors"):  # the other rows were kept; the run still fails
+                    sec["status"] = "error"
+                    sec["error"] = "; ".join(f"{e['row']}: {e['error']}" for e in sec["row_errors"])
             except Exception as e:  # record and go on: one broken component must not hide the others
                 sec = {"status": "error", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc()[-4000:]}
                 log(f"{name} FAILED: {type(e).__name__}: {e}")
             sec["wall_s"] = time.time() - t0
             res["sections"][name] = sec
+            res["elapsed_s"] = time.time() - t_start
+            write_json(out, res)  # after every section: a run killed by a timeout keeps what it measured
     res["targets"] = targets(res, dev)
     res["elapsed_s"] = time.time() - t_start
-    res["out_rel"] = os.path.relpath(os.path.abspath(out), REPO)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    res["complete"] = True
+    write_json(out, res)
     log(f"wrote {out}")
     md = args.md or (None if args.quick else os.path.join(REPO, "BENCHMARKS.md"))
     if md and not args.no_md:

@@ -208,6 +208,9 @@ class TrainConfig:
     seed: int = 42
     micro_batch_size: int = 128  # per process
     grad_accum: int = 1
+    # Pins the batch of one optimizer step: grad_accum is then derived from it and the process count
+    # (rear_ds.training.ds_config.pin_global_batch), so the recipe's 2048 holds on 8 GPUs or 64.
+    global_batch: int = 0  # 0 = not pinned: micro_batch_size x grad_accum x processes
     max_steps: int = 250_000  # optimizer steps
     # "bf16" (DeepSpeed bf16 mode), "bf16_autocast" (fp32 weights, autocast forward), "fp16" or "fp32";
     # must agree with the DeepSpeed config (rear_ds.training.ds_config.precision_of)
@@ -236,6 +239,9 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "micro_batch_size", "grad_accum", "max_steps", "log_every",
                   "ckpt_every", "keep_last", "checkpoint_every_k", "collective_timeout_s")
+        if self.global_batch < 0 or self.global_batch % self.micro_batch_size:
+            raise ConfigError(f"{prefix}.global_batch={self.global_batch} must be 0 (not pinned) or a positive "
+                              f"multiple of {prefix}.micro_batch_size={self.micro_batch_size}")
         if self.precision not in ("bf16", "bf16_autocast", "fp16", "fp32"):
             raise ConfigError(f"{prefix}.precision={self.precision!r}: expected 'bf16', 'bf16_autocast', 'fp16' "
                               "or 'fp32'")

@@ -51,9 +51,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row from softmax(logits / temperature) with uniforms u (B,)."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row from softmax(logits) with uniforms u (B,)."""
+    probs = torch.softmax(logits.double(), dim=-1)
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
@@ -80,19 +80,22 @@ def generate(model, labels: torch.Tensor, indices: torch.Tensor, seed: int, cfg:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     cache = model.new_kv_cache(class_ids.shape[0]) if cfg.kv_cache else None
-    with autocast:
-        for k in range(N):
-            if cache is not None:
-                prev = None if k == 0 else tokens[:, k - 1:k].repeat(2 if use_cfg else 1, 1)
-                logits = model.forward_cached(class_ids, cache, prev)
-            else:
-                prefix = tokens[:, :k].repeat(2 if use_cfg else 1, 1)
-                logits = model(prefix, class_ids)[0][:, k]
-            logits = logits.float()
-            if use_cfg:
-                cond, uncond = logits[:B], logits[B:]
-                logits = uncond + cfg_weight(k, N, cfg.guidance_scale, cfg.guidance_power) * (cond - uncond)
-            logits = filter_logits(logits, cfg.top_k, cfg.top_p)
-            tokens[:, k] = draw(logits, uniforms[:, k], cfg.temperature)
-    model.train(was_training)
+    try:
+        with autocast:
+            for k in range(N):
+                if cache is not None:
+                    prev = None if k == 0 else tokens[:, k - 1:k].repeat(2 if use_cfg else 1, 1)
+                    logits = model.forward_cached(class_ids, cache, prev)
+                else:
+                    prefix = tokens[:, :k].repeat(2 if use_cfg else 1, 1)
+                    logits = model(prefix, class_ids)[0][:, k]
+                logits = logits.float()
+                if use_cfg:
+                    cond, uncond = logits[:B], logits[B:]
+                    logits = uncond + cfg_weight(k, N, cfg.guidance_scale, cfg.guidance_power) * (cond - uncond)
+                # temperature first, so that top-k / top-p select from the distribution actually sampled
+                logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+                tokens[:, k] = draw(logits, uniforms[:, k])
+    finally:
+        model.train(was_training)
     return tokens

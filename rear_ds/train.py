@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         preflight.check_paths(cfg)
         preflight.check_data(cfg)
         preflight.check_resume(cfg)
+        pinned = dsc.pin_global_batch(cfg, env.world_size)
+        if pinned:
+            log.info("%s", pinned)
         ds_cfg = dsc.resolve(dsc.load_json(args.deepspeed_config), cfg, env.world_size, args.deepspeed_config)
     except ConfigError as e:
         log.error("config error: %s", e)

@@ -166,8 +166,10 @@ batch_info=$(PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$CON
     "${OVERRIDES[@]}" <<'EOF'
 import sys
 from rear_ds.config import load_config
+from rear_ds.training.ds_config import pin_global_batch
 cfg = load_config(sys.argv[1], sys.argv[3:])
 t, world = cfg.train, int(sys.argv[2])
+pin_global_batch(cfg, world)
 print(f"{t.micro_batch_size} (grad_accum {t.grad_accum}, global batch "
       f"{t.micro_batch_size * t.grad_accum * world}, max_steps {t.max_steps})")
 EOF

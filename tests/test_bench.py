@@ -55,6 +55,43 @@ def test_eager_reference_matches_the_model_and_loss():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_profile_summary_counts_each_gpu_kernel_once():
+    """GPU profiles list each kernel twice (its own row, and in the launching operator's device time): only the
+    operator rows may be summed. Made-up rows in the shape of torch's FunctionEventAvg."""
+    from types import SimpleNamespace as Row
+
+    from torch.autograd import DeviceType
+
+    from bench.profile_step import summarize
+
+    def row(key, dev_us, cpu_us, kind=DeviceType.CPU):
+        return Row(key=key, count=2, device_type=kind, self_device_time_total=dev_us, self_cpu_time_total=cpu_us)
+
+    rows = [row("ProfilerStep#1", 0, 5), row("aten::mm", 600, 10), row("aten::bernoulli_", 200, 50),
+            row("aten::add", 200, 3), row("sm90_xmma_gemm_bf16", 600, 0, DeviceType.CUDA),
+            row("philox_kernel", 200, 0, DeviceType.CUDA)]
+    gpu = summarize(rows, on_gpu=True, steps=2)
+    assert gpu["metric"] == "self_device_time_total" and [r["op"] for r in gpu["top_ops"]] == [
+        "aten::mm", "aten::bernoulli_", "aten::add"]
+    assert gpu["families"]["matmul"]["share"] == 0.6 and gpu["families"]["dropout"]["self_ms_per_step"] == 0.1
+    cpu = summarize(rows[:4], on_gpu=False, steps=2)
+    assert cpu["metric"] == "self_cpu_time_total" and cpu["top_ops"][0]["op"] == "aten::bernoulli_"
+    assert abs(sum(f["share"] for f in cpu["families"].values()) - 1.0) < 1e-9
+
+
+def test_a_failing_row_is_recorded_and_the_section_goes_on():
+    from bench.run import RowGuard
+
+    logs, rows = [], []
+    guard = RowGuard(torch.device("cpu"), logs.append)
+    guard(rows, "row a", lambda: {"a": 1})
+    guard(rows, "row b", lambda: 1 / 0)  # e.g. an out-of-memory at one size
+    guard(rows, "row c", lambda: {"c": 3})
+    assert rows == [{"a": 1}, {"c": 3}]
+    assert [e["row"] for e in guard.errors] == ["row b"] and "ZeroDivisionError" in guard.errors[0]["error"]
+    assert any("row b FAILED" in m for m in logs)
+
+
 def test_quick_benchmark_writes_every_section(tmp_path):
     doc, md = _run(tmp_path, "--skip", "zero")
     assert doc["schema"] == "rear_ds.bench/1" and doc["mode"] == "quick"

@@ -26,13 +26,13 @@ def test_uniforms_depend_only_on_seed_and_index():
     assert not torch.equal(sample_uniforms(43, torch.tensor([0]), 16)[0], a[0])
 
 
-def test_draw_is_inverse_cdf_of_the_tempered_softmax():
+def test_draw_is_inverse_cdf_of_the_softmax():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # probabilities 1/4, 3/4
-    assert draw(logits, torch.tensor([0.2]), 1.0).item() == 0
-    assert draw(logits, torch.tensor([0.3]), 1.0).item() == 1
-    # Empirical frequencies follow softmax(logits / T).
+    assert draw(logits, torch.tensor([0.2])).item() == 0
+    assert draw(logits, torch.tensor([0.3])).item() == 1
+    # Empirical frequencies follow the softmax (here of logits tempered by T = 2, as generate() passes them).
     u = torch.rand(20000, dtype=torch.float64)
-    picks = draw(logits.repeat(20000, 1), u, 2.0).float().mean().item()
+    picks = draw(logits.repeat(20000, 1) / 2.0, u).float().mean().item()
     p1 = math.sqrt(3) / (1 + math.sqrt(3))
     assert picks == pytest.approx(p1, abs=0.015)
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs
 PROBE = os.path.join(th.ROOT, "tests", "scale_probe.py")
 WIDE = ["model.depth=2", "model.decode_align_layer=1", "tokenizer.name=toy_vq", "tokenizer.weights=",
         "tokenizer.base_channels=8", "tokenizer.num_res_blocks=1", "train.allow_random_tokenizer=true",
-        "train.micro_batch_size=1", "train.grad_accum=1", "train.max_steps=1", "train.log_every=1",
+        "train.micro_batch_size=1", "train.global_batch=0", "train.grad_accum=1", "train.max_steps=1", "train.log_every=1",
         "train.sample_every=0", "train.keep_last=1", "data.num_workers=0", "optim.warmup_steps=0",
         "wandb.enabled=false"]
 

@@ -123,6 +123,26 @@ def test_ds_config_auto_fill(tiny_cfg):
         dsc.resolve(dict(autocast, torch_autocast={"enabled": True, "dtype": "float16"}), tiny_cfg, 2)
 
 
+def test_global_batch_is_pinned_across_process_counts():
+    """The recipe YAMLs pin 2048 samples per optimizer step: grad_accum follows the process count."""
+    from rear_ds.config import ConfigError, load_config
+    from rear_ds.training import ds_config as dsc
+
+    for world, accum in ((8, 2), (16, 1), (4, 4), (1, 16)):
+        cfg = load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"))
+        note = dsc.pin_global_batch(cfg, world)
+        assert cfg.train.grad_accum == accum and (note is None) == (accum == 1), (world, note)
+        ds = dsc.resolve(dsc.load_json(os.path.join(th.ROOT, "ds_configs/zero2_bf16.json")), cfg, world)
+        assert ds["train_batch_size"] == 2048 and ds["gradient_accumulation_steps"] == accum
+    cfg = load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"))
+    with pytest.raises(ConfigError, match="global_batch=2048 is not a multiple of .*128 x 32 processes = 4096"):
+        dsc.pin_global_batch(cfg, 32)
+    with pytest.raises(ConfigError, match=r"train.global_batch=100 must be 0 .* train.micro_batch_size=128"):
+        load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"), ["train.global_batch=100"])
+    cfg = load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"), ["train.global_batch=0", "train.grad_accum=3"])
+    assert dsc.pin_global_batch(cfg, 8) is None and cfg.train.grad_accum == 3  # not pinned: as given
+
+
 def test_weight_decay_groups_and_schedule(tiny_model):
     from rear_ds.training import optim
 

@@ -92,7 +92,7 @@ def load_tokenizer(cfg: TokenizerConfig, device: str):
     return tok, tokenizer_weights_sha256(cfg.weights)
 
 
-def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_size: int, bf16: bool) -> dict:
+def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_size: int) -> dict:
     """Everything that determines the token values; an output folder must agree on all of it."""
     tcfg = dataclasses.asdict(cfg)
     tcfg.pop("weights")  # the path may differ between machines; the sha256 identifies the weights
@@ -103,7 +103,8 @@ def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_si
         "preprocessing": {"crop": "adm_center_crop", "image_size": cfg.image_size, "views": views,
                           "view_names": VIEW_MODES[views], "ten_crop_ratio": TEN_CROP_RATIO,
                           "rgb": "PIL convert('RGB')", "min_size": min_size, "value_range": [0, 1],
-                          "encode_dtype": "bf16" if bf16 else "fp32"},
+                          # tokenizer.encode always runs in fp32: a bf16 latent changes argmins
+                          "encode_dtype": "fp32"},
     }
 
 
@@ -238,9 +239,7 @@ class TokenizeJob:
     @torch.no_grad()
     def encode(self, views: np.ndarray) -> np.ndarray:
         x = to_float_batch(views).to(self.device)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            ids = self.tok.encode(x)
-        ids = ids.cpu().numpy()
+        ids = self.tok.encode(x).cpu().numpy()
         if ids.min() < 0 or ids.max() >= min(self.tok.codebook_size, 65536):
             raise RuntimeError(f"tokenizer returned ids outside [0, {self.tok.codebook_size})")
         return ids.astype(np.uint16)
@@ -433,7 +432,7 @@ def run(args) -> dict:
     tok, sha = load_tokenizer(cfg, device)
     if tok.codebook_size > 65536:
         raise JobError(f"codebook_size={tok.codebook_size} does not fit the uint16 shard format")
-    settings = job_settings(cfg, tok, sha, args.views, args.min_size, args.bf16)
+    settings = job_settings(cfg, tok, sha, args.views, args.min_size)
     os.makedirs(args.out, exist_ok=True)
     check_output_folder(args.out, settings, plan=None)
     try:
@@ -517,7 +516,6 @@ def build_parser():
     p.add_argument("--workers", type=int, default=4, help="parallel decode worker processes (0 = in-process)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per tokenizer forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
-    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (recorded; changes some tokens)")
     p.add_argument("--finalize", action="store_true", help="check all ranks' shards and write manifest.json "
                    "(needs only --out)")
     return p

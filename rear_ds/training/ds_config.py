@@ -70,6 +70,28 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def pin_global_batch(cfg: Config, world_size: int) -> str | None:
+    """With ``train.global_batch`` set, derive ``train.grad_accum`` (in place) so that micro_batch_size x
+    grad_accum x world_size equals it: the schedules count optimizer steps, so the batch of one step is part
+    of the recipe and must not change with the number of GPUs. Returns a line for the log when grad_accum
+    changed, else None."""
+    t = cfg.train
+    if not t.global_batch:
+        return None
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch % per_pass:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x {world_size} processes = {per_pass}: choose a micro_batch_size that divides "
+            f"global_batch / processes, or set train.global_batch=0 to use train.grad_accum as given")
+    accum = t.global_batch // per_pass
+    if accum == t.grad_accum:
+        return None
+    old, t.grad_accum = t.grad_accum, accum
+    return (f"train.grad_accum {old} -> {accum}: keeps train.global_batch={t.global_batch} with "
+            f"micro_batch_size {t.micro_batch_size} on {world_size} processes")
+
+
 def resolve(ds_in: dict, cfg: Config, world_size: int, path: str = "deepspeed config") -> dict:
     """A complete DeepSpeed config for this run (a copy; ``ds_in`` is not changed)."""
     ds = copy.deepcopy(ds_in)

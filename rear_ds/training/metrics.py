@@ -18,9 +18,11 @@ import torch
 
 log = logging.getLogger("rear_ds")
 
-# Dense bf16 TFLOP/s per accelerator (no sparsity); matched as substrings of the device name.
+# Dense bf16 TFLOP/s per accelerator (no sparsity); matched as substrings of the device name, the longest
+# key first ("H100 PCIe" before "H100", "GH200" before "H200"). The plain H100/H200 names are the SXM parts.
 PEAK_TFLOPS = {
     "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "B100": 1750.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H800 PCIe": 756.0,
     "A100": 312.0, "A800": 312.0, "A6000": 154.8, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
     "A10": 125.0, "V100": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "MI300X": 1307.0, "MI250X": 383.0,
 }
@@ -32,9 +34,13 @@ def peak_tflops(override: float) -> Optional[float]:
         return override
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "GH200" before "H200", "L40S" before "L40"
-        if key in name:
+    return peak_tflops_of(torch.cuda.get_device_name())
+
+
+def peak_tflops_of(device_name: str) -> Optional[float]:
+    """The table's peak for a device name such as "NVIDIA H100 80GB HBM3", None if it is not listed."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
             return PEAK_TFLOPS[key]
     return None
 
