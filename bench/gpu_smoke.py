@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from rear_ds.training.metrics import read_run_log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNS = [  # name, DeepSpeed JSON, overrides, steps then (optionally) steps after a resume
@@ -64,20 +66,6 @@ def launch(ds_json: str, overrides: list, timeout: int) -> tuple:
     return rc, output if isinstance(output, str) else output.decode(errors="replace"), time.time() - t0, cmd
 
 
-def read_log(out_dir: str) -> tuple:
-    """(step -> last record with a loss, the "start" events) from the run's log.jsonl."""
-    recs, starts = {}, []
-    path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(path):
-        for line in open(path):
-            r = json.loads(line)
-            if "loss" in r:
-                recs[r["step"]] = r
-            elif r.get("event") == "start":
-                starts.append(r)
-    return recs, starts
-
-
 def one_run(name: str, ds_json: str, extra: list, steps: int, resume_to, data: str, work: str,
             timeout: int) -> dict:
     out_dir = os.path.join(work, name)
@@ -91,7 +79,8 @@ def one_run(name: str, ds_json: str, extra: list, steps: int, resume_to, data: s
                                 "command": " ".join(cmd), "output_tail": output[-2500:] if rc != 0 else ""})
         if rc != 0:
             break
-    recs, starts = read_log(out_dir)
+    recs, events = read_run_log(out_dir)
+    starts = [e for e in events if e["event"] == "start"]
     losses = [recs[s]["loss"] for s in sorted(recs)]
     last = recs[max(recs)] if recs else {}
     res.update({

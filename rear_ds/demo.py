@@ -223,7 +223,9 @@ def training_is_finished(train_dir: str, cfg) -> bool:
     with open(cfg_path) as f:
         if yaml.safe_load(f) != yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
             return False
-    events = [json.loads(line) for line in open(os.path.join(train_dir, "log.jsonl")) if '"event"' in line]
+    from rear_ds.training.metrics import read_run_log
+
+    events = read_run_log(train_dir)[1]
     return bool(events) and events[-1].get("event") == "finished" and events[-1].get("step") == cfg.train.max_steps
 
 
@@ -248,15 +250,11 @@ def stage_train(r: Runner, paths: dict, tok_weights: str, extra: list, reuse: bo
 
 
 def read_log(train_dir: str) -> list:
-    """Loss records of log.jsonl, one per step (the last one wins when a resumed run re-logged a step)."""
-    path = os.path.join(train_dir, "log.jsonl")
-    by_step = {}
-    if os.path.isfile(path):
-        for line in open(path):
-            rec = json.loads(line)
-            if "loss" in rec and "step" in rec:
-                by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    """Loss records of log.jsonl in step order, one per step."""
+    from rear_ds.training.metrics import read_run_log
+
+    steps = read_run_log(train_dir)[0]
+    return [steps[k] for k in sorted(steps)]
 
 
 def write_untrained(path: str, cfg, seed: int = 0) -> None:

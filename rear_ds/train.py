@@ -65,6 +65,8 @@ def main(argv=None) -> int:
         if pinned:
             log.info("%s", pinned)
         ds_cfg = dsc.resolve(dsc.load_json(args.deepspeed_config), cfg, env.world_size, args.deepspeed_config)
+        for note in dsc.precision_warnings(ds_cfg, cfg):
+            log.warning("%s", note)
     except ConfigError as e:
         log.error("config error: %s", e)
         return signals.EXIT_ERROR

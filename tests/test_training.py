@@ -139,6 +139,14 @@ def test_global_batch_is_pinned_across_process_counts():
         dsc.pin_global_batch(cfg, 32)
     with pytest.raises(ConfigError, match=r"train.global_batch=100 must be 0 .* train.micro_batch_size=128"):
         load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"), ["train.global_batch=100"])
+    # few processes -> many bf16-accumulated micro-batches: a warning points to fp32 accumulation
+    cfg = load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"))
+    dsc.pin_global_batch(cfg, 1)
+    ds = dsc.resolve(dsc.load_json(os.path.join(th.ROOT, "ds_configs/zero2_bf16.json")), cfg, 1)
+    assert "accumulates 16 micro-batches' gradients in bf16" in " ".join(dsc.precision_warnings(ds, cfg))
+    cfg.train.precision = "bf16_autocast"
+    ds = dsc.resolve(dsc.load_json(os.path.join(th.ROOT, "ds_configs/zero2_bf16_autocast.json")), cfg, 1)
+    assert dsc.precision_warnings(ds, cfg) == []
     cfg = load_config(os.path.join(th.ROOT, "configs/rear_l.yaml"), ["train.global_batch=0", "train.grad_accum=3"])
     assert dsc.pin_global_batch(cfg, 8) is None and cfg.train.grad_accum == 3  # not pinned: as given
 

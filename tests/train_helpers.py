@@ -67,14 +67,9 @@ def run(cmd: list, timeout: int = 400, **env_extra) -> subprocess.CompletedProce
 
 def losses(out_dir: str) -> dict:
     """step -> record, the last record per step winning (a resumed run appends to the same log)."""
-    out = {}
-    path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(path):
-        for line in open(path):
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec
-    return out
+    from rear_ds.training.metrics import read_run_log
+
+    return read_run_log(out_dir)[0]
 
 
 def workers(launcher_pid: int) -> dict:

@@ -92,6 +92,17 @@ def pin_global_batch(cfg: Config, world_size: int) -> str | None:
             f"micro_batch_size {t.micro_batch_size} on {world_size} processes")
 
 
+def precision_warnings(ds: dict, cfg: Config) -> list:
+    """Numerics worth a warning (not errors): in "bf16" mode DeepSpeed accumulates the micro-batches'
+    gradients in bf16 unless data_types.grad_accum_dtype says otherwise."""
+    t = cfg.train
+    if t.precision == "bf16" and t.grad_accum >= 8 and "grad_accum_dtype" not in ds.get("data_types", {}):
+        return [f"train.precision=bf16 accumulates {t.grad_accum} micro-batches' gradients in bf16 (DeepSpeed's "
+                "default for bf16 weights); for fp32 accumulation use train.precision=bf16_autocast "
+                "(ds_configs/zero2_bf16_autocast.json), more processes, or a larger micro_batch_size"]
+    return []
+
+
 def resolve(ds_in: dict, cfg: Config, world_size: int, path: str = "deepspeed config") -> dict:
     """A complete DeepSpeed config for this run (a copy; ``ds_in`` is not changed)."""
     ds = copy.deepcopy(ds_in)

@@ -45,6 +45,22 @@ def peak_tflops_of(device_name: str) -> Optional[float]:
     return None
 
 
+def read_run_log(out_dir: str) -> tuple:
+    """A run's log.jsonl as (step -> loss record, event records in order). A resumed run appends to the same
+    file and may log a step again: the last record of a step wins. ({}, []) if there is no log yet."""
+    steps, events = {}, []
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "event" in rec:
+                    events.append(rec)
+                elif "loss" in rec and "step" in rec:
+                    steps[rec["step"]] = rec
+    return steps, events
+
+
 def wandb_mode(cfg_mode: str) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
