@@ -175,6 +175,8 @@ class DataConfig:
                               f"(got shards={self.shards!r}, jsonl={self.jsonl!r})")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers={self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{prefix}.shuffle_buffer={self.shuffle_buffer} must be >= 1 (1 = no shuffling)")
         if self.on_corrupt_shard not in ("skip", "error"):
             raise ConfigError(f"{prefix}.on_corrupt_shard={self.on_corrupt_shard!r}: expected 'skip' or 'error'")
 

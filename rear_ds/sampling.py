@@ -76,7 +76,7 @@ def generate(model, labels: torch.Tensor, indices: torch.Tensor, seed: int, cfg:
     class_ids = model.class_token_ids(labels.to(device))
     if use_cfg:
         class_ids = torch.cat([class_ids, torch.full_like(class_ids, model.cfg.null_class_id)])
-    uniforms = sample_uniforms(seed, indices, N)
+    uniforms = sample_uniforms(seed, indices, N).to(device)  # once: no host-to-device copy per token
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     cache = model.new_kv_cache(class_ids.shape[0]) if cfg.kv_cache else None

@@ -97,7 +97,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     import torch.distributed as dist
 
     from rear_ds.backends import enable_fast_kernels
-    from rear_ds.data.reader import build_train_loader
+    from rear_ds.data.reader import ReaderStateError, build_train_loader
     from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
@@ -161,15 +161,22 @@ def train(cfg, ds_cfg: dict, env) -> int:
     else:
         log.info("no complete checkpoint in %s: starting from scratch", ckpt_dir)
     exact = rank_states is not None and len(rank_states) == world
-    # With another process count the old per-rank streams cannot be continued: start fresh data/RNG
-    # streams that depend on the step (so no data is replayed in the same order), and say so.
-    data_seed = t.seed if (exact or not resume) else t.seed + step
+    # An exact resume continues the saved streams, with the seed they were started from (t.seed, or
+    # t.seed + k after an earlier change of process count). When they cannot be continued (another process
+    # count, data.num_workers, shards, ...), fresh data/RNG streams start from a seed that depends on the step
+    # (so no data is replayed in the same order), and the log says why.
+    data_seed = rank_states[rank]["reader"]["layout"]["seed"] if exact else t.seed + step if resume else t.seed
     loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
+    why_not_exact = None if exact or not resume else f"process count changed ({len(rank_states or [])} -> {world})"
     if exact:
-        loader.load_state_dict(rank_states[rank]["reader"])
-    elif resume:
-        log.warning("process count changed (%d -> %d): data order and RNG streams restart from seed %d",
-                    len(rank_states or []), world, data_seed)
+        try:
+            loader.load_state_dict(rank_states[rank]["reader"])
+        except ReaderStateError as e:  # the same on every rank: the layout is global config
+            exact, why_not_exact, data_seed = False, str(e), t.seed + step
+            loader.close()
+            loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
+    if why_not_exact:
+        log.warning("%s: data order and RNG streams restart from seed %d", why_not_exact, data_seed)
 
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
@@ -265,6 +272,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     logger.write({"event": "stop" if stopped else "finished", "step": step})
     logger.close()
     dist.barrier()
+    dist.destroy_process_group()  # NCCL torn down at interpreter exit can hang, and lose exit code 75
     return signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
 
 

@@ -160,6 +160,13 @@ CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
 export MASTER_ADDR MASTER_PORT
 
+# ---------------------------------------------------------------- environment
+# MODULES / VENV / PRE_RUN, loaded the same way as in the other scripts (slurm/common.sh), before the
+# first use of $PYTHON below.
+# shellcheck source=slurm/common.sh
+source slurm/common.sh
+rear_setup_env
+
 # Per-GPU batch from the resolved config (the same loader training uses), which also rejects a
 # broken config now instead of after every node has started.
 batch_info=$(PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$CONFIG" "$WORLD_SIZE" \
@@ -203,11 +210,6 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm job: submit with sbatch (or use DRY_RUN=1)"
 
-# ---------------------------------------------------------------- environment
-# MODULES / VENV / PRE_RUN, loaded the same way as in the other scripts (slurm/common.sh).
-# shellcheck source=slurm/common.sh
-source slurm/common.sh
-rear_setup_env
 
 # ---------------------------------------------------------------- run, forward signals, requeue
 GOT_USR1=0

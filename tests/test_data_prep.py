@@ -194,6 +194,17 @@ def test_manifest_and_accounting(two_ranks):
     assert sum(s["samples"] for s in m["shards"]) == 16
 
 
+def test_views_of_an_image_are_not_written_side_by_side(two_ranks):
+    """Samples are written in a seeded random order, so an image's views do not sit next to each other."""
+    from rear_ds.data.shards import iter_shard
+
+    out, m = two_ranks
+    keys = [s["key"] for e in m["shards"] for s in iter_shard(os.path.join(out, e["name"]))]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 16
+    in_order = [k for e in m["shards"] for k in sorted(s["key"] for s in iter_shard(os.path.join(out, e["name"])))]
+    assert keys != in_order  # 4 shards of 2-6 samples: all in key order has probability < 1e-3
+
+
 def test_shards_read_back_and_equal_direct_tokenizer(two_ranks, images, tok):
     import webdataset as wds
 

@@ -86,6 +86,37 @@ def test_two_ranks_disjoint_and_equal_batches(data):
     assert len(seen[0] | seen[1]) == 250  # together they cover the data
 
 
+def test_ranks_get_equal_shares():
+    from rear_ds.data.reader import make_units
+
+    files = [("a", "a", 10), ("b", "b", 10), ("c", "c", 3)]
+    units = [make_units(files, r, 2) for r in (0, 1)]
+    assert [(u.name, u.start, u.count) for u in units[0]] == [("a", 0, 10), ("b", 0, 1)]
+    assert [(u.name, u.start, u.count) for u in units[1]] == [("b", 1, 9), ("c", 0, 3)]
+    # 7 shards on 8 ranks (and 9 on 8): every rank holds the same number of samples, to one
+    for n_files in (7, 9, 65):
+        files = [(f"s{i}", f"s{i}", 1000 if i < n_files - 1 else 37) for i in range(n_files)]
+        shares = [sum(u.count for u in make_units(files, r, 8)) for r in range(8)]
+        assert max(shares) - min(shares) <= 1 and sum(shares) == sum(n for _, _, n in files)
+    with pytest.raises(ConfigError, match="rank 0 of 4 gets no token data"):
+        make_units([("a", "a", 3)], 0, 4)  # 3 samples for 4 ranks
+
+
+def test_every_sample_is_read_equally_often_whatever_its_shard_size(tmp_path):
+    """Uniform draws of whole units: a sample of the 5-sample last shard is read as often as one of a
+    50-sample shard (drawing units by size would read it a tenth as often)."""
+    from collections import Counter
+
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("\n".join(_line(i) for i in range(105)) + "\n")
+    convert(str(jsonl), str(tmp_path / "s"), GRID, K, samples_per_shard=50, shuffle_seed=-1)  # 50 + 50 + 5
+    it = loader(tmp_path / "s", batch=5)
+    counts = Counter(sample_id(r) for t, _ in take(it, 420) for r in t)  # 2100 samples, about 20 each
+    last = sum(counts[i] for i in range(100, 105)) / 5
+    rest = sum(counts[i] for i in range(100)) / 100
+    assert 0.5 < last / rest < 2.0, (last, rest)
+
+
 def test_shuffling_depends_on_seed(data):
     a = next(loader(data / "shards", seed=1))[0]
     b = next(loader(data / "shards", seed=2))[0]
@@ -153,6 +184,19 @@ def test_converter_accounting(tmp_path):
     assert load_manifest(str(tmp_path / "out"))["num_samples"] == 2
     with pytest.raises(ShardError, match="already holds shards"):
         convert(str(src), str(tmp_path / "out"), GRID, K)
+
+
+def test_converter_refuses_output_with_no_samples(tmp_path):
+    src = tmp_path / "x.jsonl"
+    src.write_text('{"class_id": 2.9, "tokens": [1]}\n{"class_id": -1, "tokens": [1]}\n'
+                   '{"class_id": "3", "tokens": [1]}\n' + _line(0) + "\n")
+    with pytest.raises(ShardError, match=r"no line could be converted \(4 skipped.*--grid 1x1"):
+        convert(str(src), str(tmp_path / "out"), (1, 1), K)  # the last line has 16 tokens, not 1
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith("shard-")]  # nothing left behind
+    m = convert(str(src), str(tmp_path / "out"), GRID, K)
+    reasons = sorted(s["reason"] for s in m["skipped"])
+    assert m["accounting"]["images_written"] == 1 and len(reasons) == 3
+    assert sum("must be JSON integers" in r for r in reasons) == 2 and any("class_id -1 is negative" in r for r in reasons)
 
 
 def test_bench_reader_smoke(data):

@@ -151,6 +151,28 @@ def test_global_batch_is_pinned_across_process_counts():
     assert dsc.pin_global_batch(cfg, 8) is None and cfg.train.grad_accum == 3  # not pinned: as given
 
 
+def test_ranks_wait_for_the_universal_conversion_on_the_file_system(tmp_path, monkeypatch):
+    """Ranks other than 0 wait for rank 0's COMPLETE (or FAILED) marker, not in a timed collective."""
+    import threading
+
+    from rear_ds.training import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt.dist, "get_rank", lambda: 1)
+    barriers = []
+    monkeypatch.setattr(ckpt.dist, "barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)
+    dst = tmp_path / "step_00000020_universal"
+    (tmp_path / "step_00000020_universal.FAILED").write_text("boom")
+    with pytest.raises(RuntimeError, match="rank 0 could not convert .*step_00000020_universal.FAILED"):
+        ckpt.ensure_universal(str(tmp_path), "step_00000020")
+    os.remove(tmp_path / "step_00000020_universal.FAILED")
+    dst.mkdir()
+    timer = threading.Timer(0.2, lambda: ckpt._fsync_write(str(dst / ckpt.COMPLETE), json.dumps({"step": 20})))
+    timer.start()
+    assert ckpt.ensure_universal(str(tmp_path), "step_00000020") == "step_00000020_universal"
+    assert barriers == [1]
+
+
 def test_weight_decay_groups_and_schedule(tiny_model):
     from rear_ds.training import optim
 
@@ -293,6 +315,15 @@ def test_universal_resume_on_fewer_processes(reference, data, tmp_path):
         assert abs(got[s]["loss"] - ref[s]["loss"]) < 0.5  # same weights, other batches
     assert os.path.isfile(os.path.join(ck, "step_00000020_universal", "COMPLETE"))
     assert os.path.isfile(os.path.join(ck, "step_00000024", "COMPLETE"))
+    # The next requeue on the same process count continues those new streams exactly (their seed is the
+    # one they were started from, not train.seed) ...
+    res = th.run(th.command("zero2_bf16.json", th.base_overrides(out, data, 26), nproc=1))
+    assert res.returncode == 0, res.output[-5000:]
+    assert "step 24" in res.output and "restart from seed" not in res.output
+    # ... and a changed reader layout (more DataLoader workers) warns and starts fresh streams, not a crash.
+    res = th.run(th.command("zero2_bf16.json", th.base_overrides(out, data, 27) + ["data.num_workers=2"], nproc=1))
+    assert res.returncode == 0, res.output[-5000:]
+    assert "the layout changed: workers: saved 1, now 2" in res.output and "restart from seed" in res.output and sorted(th.losses(out))[-1] == 27
 
 
 def test_activation_checkpointing_same_loss(reference, data, tmp_path):

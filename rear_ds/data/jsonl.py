@@ -25,7 +25,7 @@ def line_offsets(path: str) -> np.ndarray:
     """Byte offset of every non-empty line (one pass; cached beside the file when writable)."""
     st = os.stat(path)
     cache = f"{path}.lineidx.npy"
-    stamp = np.array([st.st_size, int(st.st_mtime)], dtype=np.int64)
+    stamp = np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
     if os.path.isfile(cache):
         arr = np.load(cache, allow_pickle=False)
         if arr.shape[0] >= 2 and np.array_equal(arr[:2], stamp):
@@ -51,9 +51,15 @@ def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int) -> t
     """One JSONL line -> (tokens (N,) uint16, class id); ShardError naming ``where`` if malformed."""
     try:
         obj = json.loads(raw)
-        cls, toks = int(obj["class_id"]), np.asarray(obj["tokens"], dtype=np.int64)
-    except (ValueError, KeyError, TypeError) as e:
+        cls, toks = obj["class_id"], obj["tokens"]
+        # integers only: int() would truncate 2.9 to 2 and accept "3" and true
+        if type(cls) is not int or not isinstance(toks, list) or any(type(x) is not int for x in toks):
+            raise TypeError("class_id and tokens must be JSON integers")
+        toks = np.asarray(toks, dtype=np.int64)
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise S.ShardError(f"{where}: not a {{'class_id', 'tokens'}} JSON line: {e}") from None
+    if cls < 0:
+        raise S.ShardError(f"{where}: class_id {cls} is negative")
     if toks.ndim != 1 or toks.size != num_tokens or toks.min() < 0 or toks.max() >= codebook_size:
         raise S.ShardError(f"{where}: expected {num_tokens} token ids in [0, {codebook_size}), got "
                            f"{toks.size} ids in [{toks.min() if toks.size else '-'}, {toks.max() if toks.size else '-'}]")
@@ -74,8 +80,9 @@ class JsonlSource:
         if len(self.offsets) == 0:
             raise ConfigError(f"data.jsonl={path!r} is empty")
         with open(path, "rb") as f:  # a clear error now rather than in a worker later
+            f.seek(int(self.offsets[0]))
             try:
-                parse_line(f.readline(), f"{path} line 1", self.num_tokens, self.codebook_size)
+                parse_line(f.readline(), f"{path} first line", self.num_tokens, self.codebook_size)
             except S.ShardError as e:
                 raise ConfigError(f"data.jsonl does not match the model config (model.num_tokens="
                                   f"{self.num_tokens}, model.codebook_size={self.codebook_size}): {e}") from None
@@ -120,21 +127,29 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
     with open(jsonl, "rb") as f:
         for j, start in enumerate(range(0, len(order), samples_per_shard)):
             w = S.ShardWriter(os.path.join(out, S.shard_name(j)))
-            seen = 0
-            for line in order[start: start + samples_per_shard]:
-                seen += 1
-                f.seek(int(offsets[line]))
-                try:
-                    t, cls = parse_line(f.readline(), f"line {line + 1}", n_tok, codebook_size)
-                except S.ShardError as e:
-                    skipped.append({"src": f"line {line + 1}", "reason": str(e)})
-                    continue
-                w.add(S.sample_key(int(line), 0), t.reshape(grid), cls, -1, f"line {line + 1}")
-                hist[str(cls)] = hist.get(str(cls), 0) + 1
+            try:
+                for line in order[start: start + samples_per_shard]:
+                    f.seek(int(offsets[line]))
+                    try:
+                        t, cls = parse_line(f.readline(), f"line {line + 1}", n_tok, codebook_size)
+                    except S.ShardError as e:
+                        skipped.append({"src": f"line {line + 1}", "reason": str(e)})
+                        continue
+                    w.add(S.sample_key(int(line), 0), t.reshape(grid), cls, -1, f"line {line + 1}")
+                    hist[str(cls)] = hist.get(str(cls), 0) + 1
+            except BaseException:
+                w.abort()  # no half-written shard left behind to block a rerun
+                raise
             e = w.commit()
             e["images_written"] = e["samples"]
             entries.append(e)
     written = sum(e["samples"] for e in entries)
+    if written == 0:
+        for e in entries:
+            os.remove(os.path.join(out, e["name"]))
+        first = skipped[0]["reason"] if skipped else "the file has no lines"
+        raise S.ShardError(f"{jsonl}: no line could be converted ({len(skipped)} skipped; the first: {first}); "
+                           f"check --grid {grid[0]}x{grid[1]} and --codebook-size {codebook_size}")
     manifest = {
         "format": S.FORMAT,
         "tokenizer": {"name": tokenizer_name, "codebook_size": codebook_size, "grid": list(grid),

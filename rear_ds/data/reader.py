@@ -2,11 +2,13 @@
 
 Stream layout (all of it a pure function of seed, rank, world size, worker count and position):
 
-* Units. Every shard in the manifest is one unit (or, when there are fewer shards than ranks, it is
-  split into equal sample ranges). Unit u belongs to rank u % world_size, so ranks see disjoint data.
+* Units. The samples of all shards, in manifest order, are cut into world_size equal ranges (to one
+  sample); rank r's range, cut at shard boundaries, gives its units. Ranks see disjoint data of equal size
+  (whole shards when the shard count divides evenly, else a shard may be shared by two ranks).
 * Draws (resampled shards). Logical worker w of rank r draws its d-th unit uniformly with replacement
-  from the rank's units, with an RNG seeded by (seed, d, rank, w); the draw counter d plays the role
-  of the epoch. The unit's samples go through a shuffle buffer (``data.shuffle_buffer``) seeded the
+  from the rank's units, with an RNG seeded by (seed, d, rank, w); the draw counter d plays the role of
+  the epoch. A draw reads its whole unit, so every sample is read equally often whatever its unit's
+  size (the share of the stream a unit takes is proportional to its size). The unit's samples go through a shuffle buffer (``data.shuffle_buffer``) seeded the
   same way, flushed at the end of the unit, so a position is just (d, samples emitted in draw d).
 * Batches. Each worker packs its own stream into full micro-batches; DataLoader hands them out
   round-robin over workers. The stream never ends, so every rank yields the same number of batches.
@@ -67,9 +69,10 @@ class ShardSource:
             if m.get(key) != want:
                 raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
                                   "(tokenized with another tokenizer/resolution?)")
-        top = max((int(c) for c in m.get("class_histogram", {})), default=-1)
-        if top >= model_cfg.num_classes:
-            raise ConfigError(f"token shards {mpath}: class index {top} >= model.num_classes={model_cfg.num_classes}")
+        classes = [int(c) for c in m.get("class_histogram", {})]
+        if classes and not 0 <= min(classes) <= max(classes) < model_cfg.num_classes:
+            raise ConfigError(f"token shards {mpath}: class indices {min(classes)}..{max(classes)} are outside "
+                              f"[0, model.num_classes={model_cfg.num_classes})")
         entries = {e["name"]: e for e in m["shards"]}
         if os.path.isdir(spec):
             names = [e["name"] for e in m["shards"]]
@@ -114,14 +117,19 @@ class ShardSource:
 
 
 def make_units(files: list, rank: int, world: int) -> list:
-    """Split files [(path, name, samples)] into units and keep those of ``rank`` (u % world == rank)."""
-    parts = 1 if len(files) >= world else -(-world // len(files))
-    units = [Unit(path, name, n * p // parts, n * (p + 1) // parts - n * p // parts)
-             for path, name, n in files for p in range(parts)]
-    mine = [u for u in units[rank::world] if u.count > 0]
+    """The units of ``rank``: its 1/world slice of all samples (files [(path, name, samples)] concatenated
+    in order), one unit per file it touches."""
+    total = sum(n for _, _, n in files)
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    mine, offset = [], 0
+    for path, name, n in files:
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            mine.append(Unit(path, name, a - offset, b - a))
+        offset += n
     if not mine:
-        raise ConfigError(f"rank {rank} of {world} gets no token data ({len(files)} shard(s)); "
-                          "use more/smaller shards or fewer ranks")
+        raise ConfigError(f"rank {rank} of {world} gets no token data ({total} samples in {len(files)} shard(s)); "
+                          "use fewer ranks or more data")
     return mine
 
 

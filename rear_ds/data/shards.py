@@ -177,6 +177,7 @@ def iter_shard(path: str, start: int = 0, limit: Optional[int] = None) -> Iterat
                     key, members, index = k, {}, index + 1
                 if index >= start and ext in wanted:
                     members[ext] = tf.extractfile(m).read()
+                tf.members = []  # TarFile keeps every header it read: unbounded memory on big shards
             if key is not None and index >= start and (limit is None or emitted < limit):
                 yield finish()
     except (tarfile.TarError, OSError, EOFError) as e:

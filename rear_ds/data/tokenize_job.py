@@ -30,6 +30,7 @@ from .preprocess import TEN_CROP_RATIO, VIEW_MODES, load_image, make_views, to_f
 from .sources import InputError, InputItem, list_source, read_bytes
 
 KILL_ENV = "REAR_DS_TOKENIZE_KILL_AFTER_SHARDS"  # test hook: die mid-shard after k committed shards
+WRITE_ORDER_SEED = 0x5EED  # the in-shard sample order: a permutation seeded by (this, shard index)
 
 
 class JobError(RuntimeError):
@@ -183,12 +184,17 @@ def _collate(batch):
 
 
 class _ShardBuilder:
-    """Accumulates decoded images of one shard, encodes in batches, writes the tar."""
+    """Accumulates decoded images of one shard, encodes in batches, writes the tar.
+
+    The samples are written in a random order (seeded by the shard index, so reruns are byte-identical):
+    the views of one image (up to 10 with ten-crop) would otherwise sit side by side and land in the same
+    micro-batch, since the reader's shuffle buffer mixes only nearby samples."""
 
     def __init__(self, job: "TokenizeJob", index: int, images: list):
         self.job, self.index, self.images = job, index, images  # images: [(global_idx, item)]
         self.writer = S.ShardWriter(os.path.join(job.out, S.shard_name(index)))
         self.pending: list = []  # (global_idx, view, src, cls, uint8 array)
+        self.encoded: list = []  # (key, uint16 tokens, cls, view, src), written at commit
         self.skipped: list = []
         self.class_counts: dict = {}
         self.received = 0
@@ -209,15 +215,17 @@ class _ShardBuilder:
         if not batch:
             return
         tokens = self.job.encode(np.stack([b[4] for b in batch]))
-        for (gi, v, src, cls, _), t in zip(batch, tokens):
-            self.writer.add(S.sample_key(gi, v), t, cls, v, src)
-            self.job.maybe_die(self.writer)
+        self.encoded += [(S.sample_key(gi, v), t, cls, v, src) for (gi, v, src, cls, _), t in zip(batch, tokens)]
 
     def done(self) -> bool:
         return self.received == len(self.images)
 
     def commit(self) -> dict:
         self.flush()
+        for i in np.random.default_rng([WRITE_ORDER_SEED, self.index]).permutation(len(self.encoded)):
+            self.writer.add(*self.encoded[i])
+            self.job.maybe_die(self.writer)
+        self.encoded = []
         entry = self.writer.commit()
         written = len(self.images) - len(self.skipped)
         entry.update(images_seen=len(self.images), images_written=written, images_skipped=len(self.skipped),

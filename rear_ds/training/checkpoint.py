@@ -50,6 +50,17 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+UNIVERSAL_WAIT_S = 6 * 3600  # the other ranks' wait for rank 0's universal conversion
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_write(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -203,7 +214,8 @@ def rng_state(objective_gen: Optional[torch.Generator]) -> dict:
         "python": random.getstate(),
         "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # this process's device only: with another GPUs-per-node layout the same rank drives another index
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "objective": objective_gen.get_state() if objective_gen is not None else None,
     }
     return state
@@ -215,7 +227,7 @@ def set_rng_state(state: dict, objective_gen: Optional[torch.Generator]) -> None
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # the current device (set to LOCAL_RANK at start)
     if objective_gen is not None and state.get("objective") is not None:
         objective_gen.set_state(state["objective"])
 
@@ -288,7 +300,9 @@ class _DeferredWriteErrors:
                 if self.errors:
                     return None  # this checkpoint is lost already: do not fill the disk further
                 try:
-                    return real(state_dict, path, *a, **kw)
+                    out = real(state_dict, path, *a, **kw)
+                    _fsync_path(path)  # on disk before COMPLETE names it (a node crash after the commit)
+                    return out
                 except OSError as e:
                     self.errors.append(e)
                     return None
@@ -380,15 +394,32 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
     redone next time."""
     utag = tag + "_universal"
     src, dst = os.path.join(ckpt_dir, tag), os.path.join(ckpt_dir, utag)
+    failed = dst + ".FAILED"
     if dist.get_rank() == 0 and not read_meta(dst):
         shutil.rmtree(dst, ignore_errors=True)
+        if os.path.exists(failed):
+            os.remove(failed)
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
         log.info("process count changed: converting %s to a universal checkpoint %s", src, dst)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
-               "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", dst, "--num_extract_workers", workers, "--num_merge_workers", workers]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {src} (exit {res.returncode}):\n"
-                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            msg = (f"ds_to_universal failed on {src} (exit {res.returncode}):\n"
+                   f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            _fsync_write(failed, msg)  # tells the waiting ranks
+            raise RuntimeError(msg)
         _fsync_write(os.path.join(dst, COMPLETE), json.dumps({**read_meta(src), "universal": True}))
-    dist.barrier()
+    else:
+        # The conversion of a large model can outlast the collective timeout (an NCCL barrier would kill
+        # the waiting ranks): wait for rank 0's COMPLETE (or FAILED) marker on the shared file system.
+        t0 = time.time()
+        while not read_meta(dst):
+            if os.path.exists(failed):
+                raise RuntimeError(f"rank 0 could not convert {src} to a universal checkpoint: see {failed}")
+            if time.time() - t0 > UNIVERSAL_WAIT_S:
+                raise RuntimeError(f"no universal checkpoint {dst} after {UNIVERSAL_WAIT_S} s (is rank 0 alive, "
+                                   f"and {ckpt_dir} on a file system shared by all nodes?)")
+            time.sleep(2.0)
+    dist.barrier()  # everyone arrives within seconds now
     return utag
