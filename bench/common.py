@@ -41,7 +41,6 @@ def measured_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -
             torch.mm(a, b, out=c)
 
     t = time_fn(gemms, device, warmup=1, repeats=3)
-    del a, b, c
     return 2 * n ** 3 * iters / t["median_s"] / 1e12
 
 
