@@ -114,8 +114,11 @@ def train(cfg, ds_cfg: dict, env) -> int:
     dist.barrier()
     heartbeat = launch_env.Heartbeat(t.out_dir, rank)
 
-    # 2. Where do we start? A different process count goes through a universal checkpoint.
-    resume = ckpt.find_resume(ckpt_dir)
+    # 2. Where do we start? Rank 0 decides for all (file listings can differ between the nodes' NFS
+    # clients for a while). A different process count goes through a universal checkpoint.
+    found = [ckpt.find_resume(ckpt_dir) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    resume = found[0]
     load_tag = resume.tag if resume else None
     if resume:  # DeepSpeed unpickles with weights_only=False: refuse files that would run code
         ckpt.verify_no_code(os.path.join(ckpt_dir, resume.tag))
@@ -272,9 +275,23 @@ def train(cfg, ds_cfg: dict, env) -> int:
     logger.write({"event": "stop" if stopped else "finished", "step": step})
     logger.close()
     dist.barrier()
-    dist.destroy_process_group()  # NCCL torn down at interpreter exit can hang, and lose exit code 75
     return signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: NCCL left to interpreter shutdown can hang,
+    and a hang there would turn exit code 75 (requeue me) into a kill. Not inside main(), which tools may call
+    several times in one process group (tests/scale_probe.py)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a broken group (the error path): exiting matters more
+            log.warning("destroy_process_group failed: %s", e)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    shutdown()
+    sys.exit(code)

@@ -47,7 +47,7 @@
 #   PRE_RUN          shell code eval'ed just before launching (e.g. "conda activate rear") [none]
 #   PYTHON           Python interpreter                                           [python]
 #   TRAIN_SCRIPT     training entry point, relative to REPO_DIR                   [rear_ds/train.py]
-#   MASTER_PORT      rendezvous port                          [20000 + SLURM_JOB_ID % 20000]
+#   MASTER_PORT      rendezvous port                          [20000 + SLURM_JOB_ID % 12000]
 #   OMP_NUM_THREADS  threads per process                          [$SLURM_CPUS_PER_TASK, else 1]
 #   STEP_EXIT_WAIT   seconds srun lets the other ranks run after the first one exits, then kills
 #                    them (a crashed rank must not leave the others hanging)     [300]
@@ -127,7 +127,7 @@ fi
 NNODES=${SLURM_NNODES:-${#NODES[@]}}
 [ "$NNODES" = "${#NODES[@]}" ] || die "SLURM_NNODES=$NNODES but the node list has ${#NODES[@]} nodes"
 MASTER_ADDR=${NODES[0]}
-MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 12000))}  # below the ephemeral range (32768+)
 
 gpus_default=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
 gpus_default=${gpus_default##*:}   # --gpus-per-node=a100:8 -> 8

@@ -158,6 +158,38 @@ def test_corrupt_shard_is_skipped_and_counted(data, tmp_path, caplog, damage):
         take(loader(d, workers=0, on_corrupt_shard="error"), 60)
 
 
+def test_read_errors_are_retried_without_changing_the_stream(data, monkeypatch):
+    """An OS-level read failure (EIO, an NFS timeout) is retried from where it stopped: the same batches as
+    without it. A shard that keeps failing is skipped like a corrupt one."""
+    import rear_ds.data.reader as R
+    from rear_ds.data.shards import ShardReadError
+
+    monkeypatch.setattr(R.time, "sleep", lambda s: None)
+    ref = take(loader(data / "shards"), 12)
+    fails = []
+
+    def flaky(real, always=None):
+        def read(unit, skip=0):
+            for i, x in enumerate(real(unit, skip)):
+                if (i == 20 and len(fails) < 2) or unit.name == always:
+                    fails.append(unit.name)
+                    raise ShardReadError(f"{unit.name}: [Errno 5] Input/output error")
+                yield x
+        return read
+
+    it = loader(data / "shards")
+    it.source.read = flaky(it.source.read)
+    got = take(it, 12)
+    assert len(fails) == 2 and it.stats["corrupt_shards_skipped"] == 0
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(ref, got))
+    fails.clear()
+    fails += ["x", "x"]  # no transient failures this time
+    it = loader(data / "shards")
+    it.source.read = flaky(it.source.read, always="shard-000001.tar")
+    take(it, 60)
+    assert it.stats["corrupt_shards"] == ["shard-000001.tar"] and fails.count("shard-000001.tar") == R.READ_ATTEMPTS
+
+
 def test_jsonl_reader_and_resume(data):
     cfg = DataConfig(jsonl=str(data / "tok.jsonl"), num_workers=0, shuffle_buffer=16)
     a = build_train_loader(cfg, MODEL, 0, 1, 0, 8)

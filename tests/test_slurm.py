@@ -119,7 +119,7 @@ def test_train_dry_run_world_size(fake_slurm, nodes):
     out = r.stdout
     world = 8 * nodes
     assert f"world size: {world} ({nodes} nodes x 8 processes per node, gpu)" in out
-    assert "master address: gpu001:24242" in out  # first node; port 20000 + job id % 20000
+    assert "master address: gpu001:24242" in out  # first node; port 20000 + job id % 12000
     assert f"per-GPU batch: 16 (grad_accum 2, global batch {16 * 2 * world}, max_steps 7)" in out
     cmd = next(line for line in out.splitlines() if line.startswith("command: "))
     assert f"srun --nodes={nodes} --ntasks={world} --ntasks-per-node=8 --cpus-per-task=8" in cmd

@@ -214,6 +214,7 @@ def test_nodelist_parser():
 
     assert expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
     assert expand_nodelist("a1") == ["a1"]
+    assert expand_nodelist("rack[1-2]-n[01-02],x") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "x"]
 
 
 # ---------------------------------------------------------------------------------------------------

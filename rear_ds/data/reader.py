@@ -25,6 +25,7 @@ import glob
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,6 +37,7 @@ from . import shards as S
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+READ_ATTEMPTS = 3  # reads of a unit whose shard the OS failed to read, before it counts as corrupt
 
 
 @dataclass(frozen=True)
@@ -177,29 +179,42 @@ class _Stream(torch.utils.data.IterableDataset):
                 if self.unit_names <= set(st["bad"]):
                     raise S.ShardError(f"every shard of rank {self.rank} is corrupt: {sorted(st['bad'])}")
             else:
-                emitted = 0
-                try:
-                    stream = _buffer_shuffle(self.source.read(unit), self.cfg.shuffle_buffer,
-                                             _rng(self.seed, st["draw"], self.rank, w, 1))
-                    for t, y in stream:
-                        emitted += 1
-                        if emitted <= st["offset"]:
-                            continue  # replaying up to the restored position
-                        st["offset"] = emitted
-                        toks.append(t)
-                        labels.append(y)
-                        if len(toks) == self.batch:
-                            st["samples"] += self.batch
-                            yield (torch.from_numpy(np.stack(toks).astype(np.int64)),
-                                   torch.tensor(labels, dtype=torch.int64), w, dict(st, bad=list(st["bad"])))
-                            toks, labels = [], []
-                except S.ShardError as e:
-                    if self.cfg.on_corrupt_shard == "error":
-                        raise S.ShardError(f"{e} (data.on_corrupt_shard=error)") from None
-                    log.warning("skipping corrupt token shard %s: %s", unit.name, e)
-                    st["bad"].append(unit.name)
+                for attempt in range(READ_ATTEMPTS):
+                    emitted = 0
+                    try:
+                        stream = _buffer_shuffle(self.source.read(unit), self.cfg.shuffle_buffer,
+                                                 _rng(self.seed, st["draw"], self.rank, w, 1))
+                        for t, y in stream:
+                            emitted += 1
+                            if emitted <= st["offset"]:
+                                continue  # replaying up to the restored (or last read) position
+                            st["offset"] = emitted
+                            toks.append(t)
+                            labels.append(y)
+                            if len(toks) == self.batch:
+                                st["samples"] += self.batch
+                                yield (torch.from_numpy(np.stack(toks).astype(np.int64)),
+                                       torch.tensor(labels, dtype=torch.int64), w, dict(st, bad=list(st["bad"])))
+                                toks, labels = [], []
+                        break
+                    except S.ShardReadError as e:  # maybe transient: read the unit again from where it failed
+                        if attempt + 1 < READ_ATTEMPTS:
+                            log.warning("reading token shard %s failed (%s); retry %d of %d", unit.name, e,
+                                        attempt + 1, READ_ATTEMPTS - 1)
+                            time.sleep(2.0 * (attempt + 1))
+                            continue
+                        self._skip(unit, e, st)
+                    except S.ShardError as e:
+                        self._skip(unit, e, st)
+                        break
             st["draw"] += 1
             st["offset"] = 0
+
+    def _skip(self, unit: Unit, e: Exception, st: dict) -> None:
+        if self.cfg.on_corrupt_shard == "error":
+            raise S.ShardError(f"{e} (data.on_corrupt_shard=error)") from None
+        log.warning("skipping corrupt or unreadable token shard %s: %s", unit.name, e)
+        st["bad"].append(unit.name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ class ShardError(ValueError):
     """A shard or manifest is missing, corrupt or inconsistent."""
 
 
+class ShardReadError(ShardError):
+    """The operating system failed to read a shard (EIO, a network file system timeout): maybe transient."""
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -180,7 +184,9 @@ def iter_shard(path: str, start: int = 0, limit: Optional[int] = None) -> Iterat
                 tf.members = []  # TarFile keeps every header it read: unbounded memory on big shards
             if key is not None and index >= start and (limit is None or emitted < limit):
                 yield finish()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except OSError as e:
+        raise ShardReadError(f"shard {path} could not be read ({name}): {e}") from None
+    except (tarfile.TarError, EOFError) as e:
         raise ShardError(f"shard {path} is corrupt or truncated ({name}): {e}") from None
 
 

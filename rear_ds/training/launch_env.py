@@ -38,18 +38,24 @@ def expand_nodelist(nodelist: str) -> list:
             token += ch
     parts.append(token)
     for part in filter(None, parts):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-", 1)
-                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+        hosts += _expand_brackets(part)
     return hosts
+
+
+def _expand_brackets(name: str) -> list:
+    """``"rack[1-2]-n[01-02]"`` -> rack1-n01, rack1-n02, rack2-n01, rack2-n02 (Slurm's order)."""
+    m = re.match(r"([^\[]*)\[([^\]]+)\](.*)", name)
+    if not m:
+        return [name]
+    prefix, ranges, rest = m.groups()
+    items = []
+    for r in ranges.split(","):
+        if "-" in r:
+            lo, hi = r.split("-", 1)
+            items += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            items.append(r)
+    return [prefix + item + tail for item in items for tail in _expand_brackets(rest)]
 
 
 def first_host(nodelist: str) -> str:
@@ -72,9 +78,11 @@ def detect() -> LaunchEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST",
-                                                                                       "127.0.0.1"))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        # rank 0 runs on the first node of this job step (a step may use fewer nodes than the job)
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        env.setdefault("MASTER_ADDR", first_host(nodes or "127.0.0.1"))
+        # below Linux's ephemeral range (32768-60999), so an outgoing connection cannot hold the port
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 12000))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_SIZE=env.get(
             "SLURM_NTASKS_PER_NODE", "1").split("(")[0])
         return LaunchEnv(rank, local, world, "slurm")
