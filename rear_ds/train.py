@@ -113,6 +113,8 @@ def train(cfg, ds_cfg: dict, env) -> int:
         ckpt.clean_partial(ckpt_dir)
     dist.barrier()
     heartbeat = launch_env.Heartbeat(t.out_dir, rank)
+    launch_env.watch_for_stalls(heartbeat, t.out_dir, world, stall_s=0.8 * t.collective_timeout_s,
+                                poll_s=min(30.0, t.collective_timeout_s / 20))
 
     # 2. Where do we start? Rank 0 decides for all (file listings can differ between the nodes' NFS
     # clients for a while). A different process count goes through a universal checkpoint.

@@ -119,6 +119,8 @@ def test_hung_rank_times_out_and_is_named(tmp_path):
     assert "training failed on rank 0" in res.output, res.output[-5000:]
     assert "rank 0 (" in res.output and "state of the other ranks: rank 1 (pid" in res.output, res.output[-5000:]
     assert "last finished step 2" in res.output
+    # said before the timeout too (under NCCL the timeout aborts without a Python error): the stall watch
+    assert "rank 0 has finished no step for" in res.output, res.output[-5000:]
     assert took < 150, took  # start-up + 20 s timeout + teardown, never "forever"
     assert max(th.losses(out)) == 2
 

@@ -213,7 +213,7 @@ class _Stream(torch.utils.data.IterableDataset):
     def _skip(self, unit: Unit, e: Exception, st: dict) -> None:
         if self.cfg.on_corrupt_shard == "error":
             raise S.ShardError(f"{e} (data.on_corrupt_shard=error)") from None
-        log.warning("skipping corrupt or unreadable token shard %s: %s", unit.name, e)
+        log.warning("skipping corrupt token shard %s: %s", unit.name, e)  # (or unreadable: see e)
         st["bad"].append(unit.name)
 
 

@@ -170,11 +170,13 @@ class Heartbeat:
         # Truncated at start: a previous run's record must not pass for this run's.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._synced_at = 0.0
+        self.last_beat: float = 0.0  # time.monotonic() of the last beat; 0 = none yet
 
     def beat(self, step: int) -> None:
         import time
 
         now = time.time()
+        self.last_beat = time.monotonic()
         rec = self._json.dumps({"rank": self.rank, "pid": os.getpid(), "host": self.host, "step": step,
                                 "time": now}).encode()
         try:
@@ -184,6 +186,35 @@ class Heartbeat:
                 self._synced_at = now
         except OSError:
             pass  # diagnostics only: never fail training over it
+
+
+def watch_for_stalls(heartbeat: Heartbeat, out_dir: str, world_size: int, stall_s: float,
+                     poll_s: float = 30.0):
+    """Start a daemon thread that logs the other ranks' state (describe_peers) once per stall, when this rank
+    has finished no step for ``stall_s`` seconds after its first one. Under NCCL a timed-out collective aborts
+    the process from torch's watchdog, with no Python exception to report it, so this is said beforehand.
+    Returns the thread (it only logs; it never stops training)."""
+    import logging
+    import threading
+    import time
+
+    logger = logging.getLogger("rear_ds")
+
+    def run():
+        reported_for = None
+        while True:
+            time.sleep(poll_s)
+            last = heartbeat.last_beat
+            if last and time.monotonic() - last > stall_s and reported_for != last:
+                reported_for = last
+                logger.error("rank %d has finished no step for %.0f s (the collective timeout will end the run; "
+                             "under NCCL without a Python error): state of the other ranks: %s", heartbeat.rank,
+                             time.monotonic() - last, describe_peers(out_dir, heartbeat.rank, world_size)
+                             or "no other rank")
+
+    thread = threading.Thread(target=run, name="rear-stall-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def describe_peers(out_dir: str, rank: int, world_size: int) -> str:
