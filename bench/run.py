@@ -381,8 +381,10 @@ def markdown(res: dict) -> str:
         gemm = "" if x.get("fraction_of_measured_gemm") is None else (
             f" = {_f(x['fraction_of_measured_gemm'])} of the measured bf16 GEMM rate "
             f"({_f(m.get('measured_bf16_gemm_tflops'), 0)} TFLOP/s)")
-        L.append(f"| reAR-L MFU >= 50% (H100/H200) | {_f(x['mfu'])}{how}{gemm}, {_f(x['samples_per_s'], 1)} samples/s "
-                 f"(paper: 166 per A800) {x.get('note') or ''} | {x['met']} |")
+        measured = ("not measured" if x["mfu"] is None else
+                    f"{_f(x['mfu'])}{how}{gemm}, {_f(x['samples_per_s'], 1)} samples/s (paper: 166 per A800)")
+        L.append(f"| reAR-L MFU >= 50% (H100/H200) | {measured}{': ' + x['note'] if x.get('note') else ''} | "
+                 f"{x['met']} |")
     L.append("")
     for name in SECTIONS:
         sec = S.get(name, {})
