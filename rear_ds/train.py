@@ -152,30 +152,31 @@ def train(cfg, ds_cfg: dict, env) -> int:
     torch.manual_seed(t.seed + rank)  # dropout
 
     # 4. Resume: weights, optimizer, schedule, step, RNGs and the data position.
-    step, samples_seen, wandb_id, rank_states = 0, 0, None, None
+    step, samples_seen, wandb_id, mine, saved_world = 0, 0, None, None, None
     if resume:
         path, client = engine.load_checkpoint(ckpt_dir, tag=load_tag)
         if path is None:
             raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, load_tag)}")
         optim.place_optimizer_state(engine.optimizer)  # e.g. a universal checkpoint's CPU `step` tensors
         step, samples_seen = int(client["step"]), int(client["samples_seen"])
-        wandb_id, rank_states = client.get("wandb_id"), client.get("rank_states")
+        wandb_id, saved_world = client.get("wandb_id"), client.get("world_size")
+        mine = ckpt.own_rank_state(client, rank, world)
         log.info("resumed from %s: step %d, %d samples seen%s", os.path.join(ckpt_dir, load_tag), step,
                  samples_seen, f" (universal checkpoint: {resume.world_size} -> {world} processes)"
                  if load_tag != resume.tag else "")
     else:
         log.info("no complete checkpoint in %s: starting from scratch", ckpt_dir)
-    exact = rank_states is not None and len(rank_states) == world
+    exact = mine is not None
     # An exact resume continues the saved streams, with the seed they were started from (t.seed, or
     # t.seed + k after an earlier change of process count). When they cannot be continued (another process
     # count, data.num_workers, shards, ...), fresh data/RNG streams start from a seed that depends on the step
     # (so no data is replayed in the same order), and the log says why.
-    data_seed = rank_states[rank]["reader"]["layout"]["seed"] if exact else t.seed + step if resume else t.seed
+    data_seed = mine["reader"]["layout"]["seed"] if exact else t.seed + step if resume else t.seed
     loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
-    why_not_exact = None if exact or not resume else f"process count changed ({len(rank_states or [])} -> {world})"
+    why_not_exact = None if exact or not resume else f"process count changed ({saved_world} -> {world})"
     if exact:
         try:
-            loader.load_state_dict(rank_states[rank]["reader"])
+            loader.load_state_dict(mine["reader"])
         except ReaderStateError as e:  # the same on every rank: the layout is global config
             exact, why_not_exact, data_seed = False, str(e), t.seed + step
             loader.close()
@@ -203,7 +204,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
         client = {"step": step, "samples_seen": samples_seen, "wandb_id": wandb_id, "world_size": world,
-                  "universal_checkpoint_info": {}, "rank_states": ckpt.gather_rank_states(local),
+                  "universal_checkpoint_info": {}, **ckpt.rank_state_entry(local, stage),
                   "rear_config": cfg.to_dict()}
         meta = {"world_size": world, "zero_stage": stage, "samples_seen": samples_seen}
         return ckpt.save(engine, ckpt_dir, step, client, meta, config_json(cfg), t.keep_last)
@@ -211,7 +212,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     # RNG streams are restored last, right before the loop, so that nothing above (W&B, meta-device parameter
     # counting, ...) can shift them: stop at step k + resume = the uninterrupted run, bit for bit.
     if exact:
-        ckpt.set_rng_state(rank_states[rank]["rng"], gen)
+        ckpt.set_rng_state(mine["rng"], gen)
     elif resume:
         torch.manual_seed(data_seed + rank)
         gen.manual_seed(data_seed * 1000 + rank + 1)

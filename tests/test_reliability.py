@@ -13,6 +13,7 @@ creates nothing), crafted pickles never executed, tar members never written outs
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -97,7 +98,12 @@ def test_zero3_disk_full_and_corrupt_shard_survive(shards, tmp_path):
     res2 = th.run(th.command("zero3_bf16.json", overrides(out, bad, 22)), timeout=300)
     assert res2.returncode == 0, res2.output[-5000:]
     assert f"resumed from {os.path.join(ck, 'step_00000020')}" in res2.output
+    assert "restart from seed" not in res2.output  # exact: each rank found its own state in its own file
     assert sorted(th.losses(out)) == list(range(1, 23))
+    # under ZeRO-3 each rank's model-states file carries that rank's state only (not world x world copies)
+    states = [torch.load(p, map_location="cpu", weights_only=False)
+              for p in sorted(glob.glob(os.path.join(ck, "step_00000020", "zero_pp_rank_*_model_states.pt")))]
+    assert [s["rank_state"]["rank"] for s in states] == [0, 1] and all("rank_states" not in s for s in states)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -232,11 +232,29 @@ def set_rng_state(state: dict, objective_gen: Optional[torch.Generator]) -> None
         objective_gen.set_state(state["objective"])
 
 
-def gather_rank_states(local: dict) -> list:
-    """Every rank's small state dict, on every rank (DeepSpeed stores client state from rank 0 only)."""
+def rank_state_entry(local: dict, zero_stage: int) -> dict:
+    """The client-state entry that carries this rank's state (RNGs, reader position) into the checkpoint.
+    Under ZeRO-3 every rank writes a model-states file of its own and reads its own back: its state alone
+    goes there. Otherwise only rank 0's file is written and every rank reads it: it carries all ranks' states
+    (gathered), which under ZeRO-3 would be world x world copies."""
+    if zero_stage == 3:
+        return {"rank_state": {"rank": dist.get_rank(), **local}}
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, local)
-    return out
+    return {"rank_states": out}
+
+
+def own_rank_state(client: dict, rank: int, world: int) -> Optional[dict]:
+    """This rank's saved state if the checkpoint was written by ``world`` processes, else None."""
+    if client.get("world_size") != world:
+        return None
+    if client.get("rank_state") is not None:  # ZeRO-3: this rank's own file
+        own = client["rank_state"]
+        if own.get("rank") != rank:
+            raise RuntimeError(f"rank {rank} loaded the checkpoint state of rank {own.get('rank')}")
+        return own
+    states = client.get("rank_states")
+    return states[rank] if states is not None and len(states) == world else None
 
 
 # --------------------------------------------------------------------------------------
