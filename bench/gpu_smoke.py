@@ -19,11 +19,11 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
+from rear_ds.demo import free_port
 from rear_ds.training.metrics import read_run_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,20 +35,15 @@ RUNS = [  # name, DeepSpeed JSON, overrides, steps then (optionally) steps after
 ]
 
 
-def write_tokens(path: str, n: int = 1024, num_classes: int = 10, num_tokens: int = 16, k: int = 64) -> None:
-    """Tokens that depend on the class, so the loss falls within a few steps."""
+def write_tokens(path: str, n: int = 1024, num_classes: int = 10, num_tokens: int = 16, k: int = 64) -> str:
+    """A JSONL of tokens that depend on the class, so the loss falls within a few steps (also the tests' data)."""
     rng = random.Random(0)
     with open(path, "w") as f:
         for _ in range(n):
             c = rng.randrange(num_classes)
             f.write(json.dumps({"class_id": c, "tokens": [(c * 6 + j + rng.randrange(2)) % k
                                                           for j in range(num_tokens)]}) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return path
 
 
 def launch(ds_json: str, overrides: list, timeout: int) -> tuple:

@@ -26,6 +26,7 @@ import traceback
 import torch
 
 from rear_ds.backends import enable_fast_kernels
+from rear_ds.data.shards import write_json_atomic
 
 from .common import REPO, machine_info, pick_device, size_config
 
@@ -507,13 +508,6 @@ def update_markdown(path: str, res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_json(path: str, res: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (CI smoke; asserts nothing)")
@@ -592,11 +586,11 @@ def main(argv=None) -> int:
             sec["wall_s"] = time.time() - t0
             res["sections"][name] = sec
             res["elapsed_s"] = time.time() - t_start
-            write_json(out, res)  # after every section: a run killed by a timeout keeps what it measured
+            write_json_atomic(out, res, sort_keys=False, default=str)  # after every section: a run killed by a timeout keeps what it measured
     res["targets"] = targets(res, dev)
     res["elapsed_s"] = time.time() - t_start
     res["complete"] = True
-    write_json(out, res)
+    write_json_atomic(out, res, sort_keys=False, default=str)
     log(f"wrote {out}")
     md = args.md or (None if args.quick else os.path.join(REPO, "BENCHMARKS.md"))
     if md and not args.no_md:

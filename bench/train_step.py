@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import gc
-import time
 import statistics
+import time
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -136,18 +136,16 @@ def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.dev
         k = i % len(names)
         for n in names[k:] + names[:k]:
             times[n].append(time_fn(tasks[n], device, warmup=0, repeats=1)["median_s"])
-    over_eager = [a / b for a, b in zip(times["rear"], times["eager"])]
-    ckpt_over = [a / b for a, b in zip(times["rear_ckpt_all"], times["rear"])]
-    fb_over_eager = [a / b for a, b in zip(times["rear_fwd_bwd"], times["eager_fwd_bwd"])]
+    def ratios(a: str, b: str, minus: float = 0.0) -> dict:  # per-round a/b: median and range
+        r = [x / y - minus for x, y in zip(times[a], times[b])]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
     out = {"size": size, "batch": batch, "precision": precision, "rounds": rounds, "warmup": warmup,
            "optimizers": {n: r.opt_name for n, r in runners.items()},
            "step_s": {n: [round(t, 6) for t in v] for n, v in times.items()},
-           "rear_over_eager": {"median": statistics.median(over_eager), "min": min(over_eager),
-                               "max": max(over_eager)},
-           "ckpt_time_overhead": {"median": statistics.median(ckpt_over) - 1, "min": min(ckpt_over) - 1,
-                                  "max": max(ckpt_over) - 1},
-           "fwd_bwd_rear_over_eager": {"median": statistics.median(fb_over_eager), "min": min(fb_over_eager),
-                                       "max": max(fb_over_eager)}}
+           "rear_over_eager": ratios("rear", "eager"),
+           "ckpt_time_overhead": ratios("rear_ckpt_all", "rear", minus=1.0),
+           "fwd_bwd_rear_over_eager": ratios("rear_fwd_bwd", "eager_fwd_bwd")}
     del runners
     gc.collect()
     if device.type == "cuda":

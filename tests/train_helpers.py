@@ -2,14 +2,14 @@
 reading log.jsonl. Kept apart so the tests read as a list of claims."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from bench.gpu_smoke import write_tokens
+from rear_ds.demo import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "rear_ds", "train.py")
@@ -18,19 +18,7 @@ FAULTS = os.path.join(ROOT, "tests", "train_with_faults.py")
 
 def write_jsonl(path: str, n: int = 512, num_classes: int = 10, num_tokens: int = 16, k: int = 64) -> str:
     """Tokens that depend on the class, so the loss visibly falls within a few dozen steps."""
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(n):
-            c = rng.randrange(num_classes)
-            toks = [(c * 6 + j + rng.randrange(2)) % k for j in range(num_tokens)]
-            f.write(json.dumps({"class_id": c, "tokens": toks}) + "\n")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_tokens(path, n, num_classes, num_tokens, k)
 
 
 def base_overrides(out_dir: str, data: str, max_steps: int, *extra: str) -> list:

@@ -8,8 +8,8 @@ Stream layout (all of it a pure function of seed, rank, world size, worker count
 * Draws (resampled shards). Logical worker w of rank r draws its d-th unit uniformly with replacement
   from the rank's units, with an RNG seeded by (seed, d, rank, w); the draw counter d plays the role of
   the epoch. A draw reads its whole unit, so every sample is read equally often whatever its unit's
-  size (the share of the stream a unit takes is proportional to its size). The unit's samples go through a shuffle buffer (``data.shuffle_buffer``) seeded the
-  same way, flushed at the end of the unit, so a position is just (d, samples emitted in draw d).
+  size. The unit's samples go through a shuffle buffer (``data.shuffle_buffer``) seeded the same way,
+  flushed at the end of the unit, so a position is just (d, samples emitted in draw d).
 * Batches. Each worker packs its own stream into full micro-batches; DataLoader hands them out
   round-robin over workers. The stream never ends, so every rank yields the same number of batches.
 * Resume. ``state_dict()`` holds, per worker, the position after the last batch the trainer consumed
@@ -179,42 +179,42 @@ class _Stream(torch.utils.data.IterableDataset):
                 if self.unit_names <= set(st["bad"]):
                     raise S.ShardError(f"every shard of rank {self.rank} is corrupt: {sorted(st['bad'])}")
             else:
-                for attempt in range(READ_ATTEMPTS):
-                    emitted = 0
-                    try:
-                        stream = _buffer_shuffle(self.source.read(unit), self.cfg.shuffle_buffer,
-                                                 _rng(self.seed, st["draw"], self.rank, w, 1))
-                        for t, y in stream:
-                            emitted += 1
-                            if emitted <= st["offset"]:
-                                continue  # replaying up to the restored (or last read) position
-                            st["offset"] = emitted
-                            toks.append(t)
-                            labels.append(y)
-                            if len(toks) == self.batch:
-                                st["samples"] += self.batch
-                                yield (torch.from_numpy(np.stack(toks).astype(np.int64)),
-                                       torch.tensor(labels, dtype=torch.int64), w, dict(st, bad=list(st["bad"])))
-                                toks, labels = [], []
-                        break
-                    except S.ShardReadError as e:  # maybe transient: read the unit again from where it failed
-                        if attempt + 1 < READ_ATTEMPTS:
-                            log.warning("reading token shard %s failed (%s); retry %d of %d", unit.name, e,
-                                        attempt + 1, READ_ATTEMPTS - 1)
-                            time.sleep(2.0 * (attempt + 1))
-                            continue
-                        self._skip(unit, e, st)
-                    except S.ShardError as e:
-                        self._skip(unit, e, st)
-                        break
+                try:
+                    for t, y in self._unit_samples(unit, st, w):
+                        toks.append(t)
+                        labels.append(y)
+                        if len(toks) == self.batch:
+                            st["samples"] += self.batch
+                            yield (torch.from_numpy(np.stack(toks).astype(np.int64)),
+                                   torch.tensor(labels, dtype=torch.int64), w, dict(st, bad=list(st["bad"])))
+                            toks, labels = [], []
+                except S.ShardError as e:  # corrupt, or still unreadable after READ_ATTEMPTS
+                    if self.cfg.on_corrupt_shard == "error":
+                        raise S.ShardError(f"{e} (data.on_corrupt_shard=error)") from None
+                    log.warning("skipping corrupt token shard %s: %s", unit.name, e)
+                    st["bad"].append(unit.name)
             st["draw"] += 1
             st["offset"] = 0
 
-    def _skip(self, unit: Unit, e: Exception, st: dict) -> None:
-        if self.cfg.on_corrupt_shard == "error":
-            raise S.ShardError(f"{e} (data.on_corrupt_shard=error)") from None
-        log.warning("skipping corrupt token shard %s: %s", unit.name, e)  # (or unreadable: see e)
-        st["bad"].append(unit.name)
+    def _unit_samples(self, unit: Unit, st: dict, w: int) -> Iterator[tuple]:
+        """The shuffled samples of this draw after position st["offset"], which advances with each one. A read
+        the OS failed (maybe transient) starts the unit again, with the same shuffle, from that position."""
+        for attempt in range(READ_ATTEMPTS):
+            emitted = 0
+            try:
+                for x in _buffer_shuffle(self.source.read(unit), self.cfg.shuffle_buffer,
+                                         _rng(self.seed, st["draw"], self.rank, w, 1)):
+                    emitted += 1
+                    if emitted > st["offset"]:  # else: replaying up to the restored (or last read) position
+                        st["offset"] = emitted
+                        yield x
+                return
+            except S.ShardReadError as e:
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise
+                log.warning("reading token shard %s failed (%s); retry %d of %d", unit.name, e, attempt + 1,
+                            READ_ATTEMPTS - 1)
+                time.sleep(2.0 * (attempt + 1))
 
 
 # ----------------------------------------------------------------------------------------------

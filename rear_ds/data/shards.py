@@ -52,11 +52,12 @@ def sample_bytes(grid: tuple) -> int:
     return 4 * 512 + -(-npy // 512) * 512 + 3 * 512
 
 
-def write_json_atomic(path: str, data: dict, sort_keys: bool = True) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
+def write_json_atomic(path: str, data: dict, sort_keys: bool = True, default=None) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half.
+    ``default`` is json.dump's hook for values JSON has no type for."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique across hosts on a shared filesystem
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=sort_keys)
+        json.dump(data, f, indent=1, sort_keys=sort_keys, default=default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -68,11 +68,7 @@ def _fsync_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(os.path.dirname(path) or ".")  # the rename itself
 
 
 def read_meta(tag_dir: str) -> Optional[dict]:
