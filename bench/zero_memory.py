@@ -232,4 +232,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from rear_ds.training import launch_env
+
+    try:
+        code = main()
+    finally:
+        launch_env.shutdown()
+    raise SystemExit(code)

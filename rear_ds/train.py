@@ -281,20 +281,9 @@ def train(cfg, ds_cfg: dict, env) -> int:
     return signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
 
 
-def shutdown() -> None:
-    """Tear the process group down before the interpreter exits: NCCL left to interpreter shutdown can hang,
-    and a hang there would turn exit code 75 (requeue me) into a kill. Not inside main(), which tools may call
-    several times in one process group (tests/scale_probe.py)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as e:  # a broken group (the error path): exiting matters more
-            log.warning("destroy_process_group failed: %s", e)
-
-
 if __name__ == "__main__":
-    code = main()
-    shutdown()
+    try:
+        code = main()
+    finally:
+        launch_env.shutdown()
     sys.exit(code)

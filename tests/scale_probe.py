@@ -114,4 +114,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from rear_ds.training import launch_env
+
+    try:
+        main()
+    finally:
+        launch_env.shutdown()

@@ -120,6 +120,22 @@ def init_distributed(launch: LaunchEnv, timeout_s: int):
     return device
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, NCCL can hang
+    (turning exit code 75, requeue me, into a kill) and gloo can abort the process ("terminate called without
+    an active exception", exit -6) after the work is done. Every script that starts a group calls this last,
+    in a ``finally``; not inside train.main(), which tests/scale_probe.py calls several times in one group."""
+    import logging
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a broken group (the error path): exiting matters more
+            logging.getLogger("rear_ds").warning("destroy_process_group failed: %s", e)
+
+
 SHM_DIR = "/dev/shm"
 
 
