@@ -225,6 +225,10 @@ class TrainConfig:
     sample_every: int = 0  # 0 = never; else a PNG grid every N steps (needs the tokenizer decoder)
     sample_classes: list = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
     compile: bool = False  # per-block torch.compile (GPU only)
+    # apex's FusedLayerNorm in the blocks (rear_ds.training.build.choose_layernorm): "auto" uses it when apex is
+    # installed and the run has 16-bit weights (bf16, fp16) and no compile; "always" requires it; "never" skips
+    # it (not on/off: YAML reads those as booleans)
+    apex_layernorm: str = "auto"
     peak_tflops: float = 0.0  # 0 = look up the accelerator in the built-in table
     images_per_epoch: int = 1_281_167  # for "ImageNet-equivalent epochs" in the log
     collective_timeout_s: int = 600
@@ -253,6 +257,16 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.eval_every={self.eval_every} needs {prefix}.eval_ref_stats: reference "
                               f"statistics file {self.eval_ref_stats!r} does not exist (make it with "
                               "`python -m rear_ds.evaluation.ref_stats`)")
+        if self.apex_layernorm not in ("auto", "always", "never"):
+            raise ConfigError(f"{prefix}.apex_layernorm={self.apex_layernorm!r}: expected 'auto', 'always' or "
+                              "'never'")
+        if self.apex_layernorm == "always":
+            from rear_ds.models.generator import apex_layernorm
+
+            if apex_layernorm() is None:
+                raise ConfigError(f"{prefix}.apex_layernorm=always but NVIDIA apex (apex.normalization."
+                                  "FusedLayerNorm) cannot be imported here; install apex with its CUDA extensions, "
+                                  "or use 'auto'/'never'")
         if self.activation_checkpointing not in ("off", "all", "every_k"):
             raise ConfigError(f"{prefix}.activation_checkpointing={self.activation_checkpointing!r}: "
                               "expected 'off', 'all' or 'every_k'")

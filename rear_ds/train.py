@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # run as a script by the launchers: make `rear_ds` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,7 +54,12 @@ def setup_logging(rank: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = launch_env.detect()
+    try:
+        env = launch_env.detect()
+    except launch_env.LaunchError as e:
+        setup_logging(0)
+        log.error("launch error: %s", e)
+        return signals.EXIT_ERROR
     setup_logging(env.rank)
     # 1. Everything that can be wrong in the config fails here: no process group, model or data yet.
     try:
@@ -98,7 +104,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.data.reader import ReaderStateError, build_train_loader
-    from rear_ds.models.generator import LAYERNORM_IMPL, count_parameters, flops_per_sample
+    from rear_ds.models.generator import count_parameters, flops_per_sample
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
@@ -123,7 +129,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     resume = found[0]
     load_tag = resume.tag if resume else None
     if resume:  # DeepSpeed unpickles with weights_only=False: refuse files that would run code
-        ckpt.verify_no_code(os.path.join(ckpt_dir, resume.tag))
+        ckpt.verify_no_code_on_all_ranks(os.path.join(ckpt_dir, resume.tag))
     if resume and resume.world_size != world:
         load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
@@ -187,7 +193,8 @@ def train(cfg, ds_cfg: dict, env) -> int:
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
     run_info = {"world_size": world, "launcher": env.launcher, "device": str(device), "zero_stage": stage,
-                "precision": t.precision, "layernorm_impl": LAYERNORM_IMPL, "optimizer_impl": opt_impl,
+                "precision": t.precision, "optimizer_impl": opt_impl,
+                "layernorm_impl": f"{type(model.blocks[0].norm1).__module__}.{type(model.blocks[0].norm1).__name__}",
                 "params": count_parameters(cfg.model, include_align=True), "flops_per_sample": flops,
                 "global_batch": global_batch, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
                 "resumed_from": load_tag, "start_step": step, "reliability": survival_summary(cfg)}
@@ -219,7 +226,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     # 5. The loop: one iteration = one optimizer step of grad_accum micro-batches.
     engine.train()
-    stopped = False
+    stop_flag, stopped = signals.StopFlag(device), False
     while step < t.max_steps:
         lr = scheduler.get_last_lr()[0]
         for _ in range(t.grad_accum):
@@ -233,6 +240,12 @@ def train(cfg, ds_cfg: dict, env) -> int:
             engine.step()  # DeepSpeed steps optimizer + LambdaLR only at the accumulation boundary
             sums += torch.stack([loss.detach().float()] + [m[k].float().to(device) for k in keys[1:]])
             n_sum += 1
+        if not engine.was_step_applied():
+            # fp16 overflow: DeepSpeed skipped the update and with it the LR step. Step the schedule anyway, so
+            # the LR stays a function of the step counter, as rho and the checkpoints are.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+                scheduler.step()
         step += 1
         heartbeat.beat(step)
         samples_seen += global_batch
@@ -240,14 +253,19 @@ def train(cfg, ds_cfg: dict, env) -> int:
         meter.samples += global_batch
 
         if step % t.log_every == 0 or step == t.max_steps:
-            avg = torch.cat([sums.cpu() / n_sum, torch.tensor([corrupt() * world])])  # ranks' shards are disjoint
+            avg = torch.cat([sums.cpu() / n_sum, torch.tensor([corrupt()])])
             avg = avg.to(device if device.type == "cuda" else "cpu")
             dist.all_reduce(avg)
             avg = (avg / world).tolist()
-            corrupt_total = int(round(avg.pop()))
+            corrupt_total = 0
+            if avg.pop() > 0:  # some rank skipped a shard; two ranks may share one: count distinct names
+                names = [None] * world
+                dist.all_gather_object(names, getattr(loader, "stats", {}).get("corrupt_shards", []))
+                corrupt_total = len(set().union(*names))
             gn = engine.get_global_grad_norm()
             rec = {"step": step, **dict(zip(keys, avg)), "rho": objective.rho(step - 1), "lr": lr,
-                   "grad_norm": float(gn) if gn is not None else None, **meter.summary(),
+                   "grad_norm": float(gn) if gn is not None else None, "skipped_steps": engine.skipped_steps,
+                   **meter.summary(),
                    "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch}
             rec["data"] = getattr(loader, "stats", None)  # rank 0's reader
             rec["corrupt_shards_skipped"] = corrupt_total  # all ranks
@@ -263,11 +281,12 @@ def train(cfg, ds_cfg: dict, env) -> int:
             if rank == 0:
                 log.info("step %d | in-training FID (%d samples) %.3f", step, t.eval_num_samples, fid)
                 logger.log_step({"step": step, f"fid_{t.eval_num_samples}": fid})
-        stopped = signals.stop_requested()
+        stopped = stop_flag.poll()
         if stopped or step % t.ckpt_every == 0 or step == t.max_steps:
             ok = save_checkpoint()
             if not ok and (stopped or step == t.max_steps):
                 log.error("the final checkpoint could not be written; exiting with an error")
+                stop_flag.drain()
                 logger.close()
                 return signals.EXIT_ERROR
         if stopped:
@@ -275,6 +294,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
                         signals.EXIT_PREEMPTED)
             break
 
+    stop_flag.drain()
     logger.write({"event": "stop" if stopped else "finished", "step": step})
     logger.close()
     dist.barrier()

@@ -17,7 +17,8 @@
 # Each process gets RANK=$SLURM_PROCID, LOCAL_RANK=$SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR (first node of the allocation) and MASTER_PORT (derived from the job id, so two jobs that
 # share a node do not collide); DeepSpeed's init_distributed reads those. Every process sees all GPUs of
-# its node and picks cuda:LOCAL_RANK. Why not one torchrun per node: srun then owns every rank, so Slurm's
+# its node and picks cuda:LOCAL_RANK (where the site binds one GPU per task, e.g. --gpus-per-task=1 or
+# --gpu-bind=single:1 in its defaults, each process sees only its own, as cuda:0, and uses that). Why not one torchrun per node: srun then owns every rank, so Slurm's
 # signals, --kill-on-bad-exit semantics and per-rank accounting apply to the real training processes.
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this batch shell (--signal=B:USR1@600, ten minutes before

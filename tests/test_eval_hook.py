@@ -1,4 +1,7 @@
 """In-training FID: the hook reuses the evaluation path and does not disturb the training RNG."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -46,3 +49,27 @@ def test_in_training_fid_matches_the_evaluation_path(tmp_path, tiny_model, tiny_
     fid = in_training_fid(tiny_model, tok, cfg, rank=0, world=1, zero_stage=0)
     assert torch.equal(state, torch.get_rng_state()) and tiny_model.training
     assert fid == pytest.approx(evaluate_fid(images, str(tmp_path / "ref.npz"), weights)) and fid > 0
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed launcher")
+def test_zero3_sampling_gathers_once_and_matches_the_partitioned_model(tmp_path):
+    """Under ZeRO-3 (2 processes) the sampling replica draws exactly the tokens the partitioned model draws
+    (tests/zero3_sampling_probe.py), is a plain module in eval mode, and the engine's module is back in train
+    mode afterwards."""
+    import json
+
+    import train_helpers as th
+
+    probe = os.path.join(th.ROOT, "tests", "zero3_sampling_probe.py")
+    res = th.run(["deepspeed", "--num_gpus", "2", "--master_port", str(th.free_port()), probe], timeout=300,
+                 REAR_PROBE_OUT=str(tmp_path))
+    assert res.returncode == 0, res.output[-5000:]
+    got = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    for r in got:
+        assert r["replica_is_plain"] and not r["partitioned_is_plain"], r
+        assert r["replica_eval_mode"] and r["partitioned_eval_mode"], r
+        assert r["replica_train_mode_after"] and r["partitioned_train_mode_after"], r
+        assert r["replica"] == r["partitioned"], r
+        assert len({tuple(row) for row in r["replica"]}) > 1, r  # the classes differ: the comparison means something
+    assert got[0]["replica"] == got[1]["replica"]  # same seeds and weights on every rank
+    print({r["rank"]: (round(r["replica_s"], 2), round(r["partitioned_s"], 2)) for r in got})

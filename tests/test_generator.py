@@ -262,3 +262,35 @@ def test_released_checkpoint_loads_strictly(tmp_path, tiny_cfg, tiny_model):
     # A torch .bin state dict loads too (weights_only).
     torch.save(tiny_model.inference_state_dict(), tmp_path / "plain.bin")
     assert load_generator(str(tmp_path / "plain.bin"), tiny_cfg.model).cfg.depth == 4
+
+
+def test_layernorm_choice_keeps_reference_numerics():
+    """apex's fused LayerNorm (optional) only where it cannot change the numerics or break a compiled graph;
+    whatever the choice, the state dict is the same (checkpoints move between machines with and without apex)."""
+    from torch import nn
+
+    from rear_ds.config import ConfigError, TrainConfig, load_config
+    from rear_ds.models.generator import ReARGenerator, apex_layernorm
+    from rear_ds.training.build import choose_layernorm
+
+    class FakeApex(nn.LayerNorm):
+        pass
+
+    def pick(**kw):
+        return choose_layernorm(TrainConfig(**kw), FakeApex)[0]
+
+    assert pick(precision="bf16") is FakeApex and pick(precision="fp16") is FakeApex
+    assert pick(precision="bf16_autocast") is nn.LayerNorm and pick(precision="fp32") is nn.LayerNorm
+    assert pick(precision="bf16", compile=True) is nn.LayerNorm
+    assert pick(precision="bf16", apex_layernorm="never") is nn.LayerNorm
+    assert pick(precision="bf16_autocast", apex_layernorm="always") is FakeApex
+    assert choose_layernorm(TrainConfig(precision="bf16"), None) == (nn.LayerNorm, "apex not installed")
+    with pytest.raises(ConfigError, match="train.apex_layernorm='fast'"):
+        load_config("configs/tiny.yaml", ["train.apex_layernorm=fast"])
+    if apex_layernorm() is None:
+        with pytest.raises(ConfigError, match="train.apex_layernorm=always but NVIDIA apex"):
+            load_config("configs/tiny.yaml", ["train.apex_layernorm=always"])
+    cfg = load_config("configs/tiny.yaml").model
+    plain, fused = ReARGenerator(cfg), ReARGenerator(cfg, norm_layer=FakeApex)
+    assert isinstance(fused.blocks[0].attn.q_norm, FakeApex) and isinstance(fused.blocks[-1].norm2, FakeApex)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in fused.state_dict().items()}

@@ -218,6 +218,22 @@ def test_converter_accounting(tmp_path):
         convert(str(src), str(tmp_path / "out"), GRID, K)
 
 
+def test_jsonl_messages_name_the_file_line(tmp_path):
+    """Blank lines are skipped, but messages give the line number in the file (what an editor shows); the
+    cached index is rebuilt when the file changes."""
+    from rear_ds.data.jsonl import JsonlSource, line_index
+
+    src = tmp_path / "x.jsonl"
+    src.write_text("\n" + _line(0) + "\n\n\n" + "not json\n" + _line(1) + "\n")
+    m = convert(str(src), str(tmp_path / "out"), GRID, K, samples_per_shard=10)
+    assert [s["src"] for s in m["skipped"]] == ["line 5"]
+    offsets, numbers = line_index(str(src))  # the cached index, read back
+    assert numbers.tolist() == [2, 5, 6] and offsets[0] == 1 and offsets[1] == len(_line(0)) + 4
+    src.write_text("\n\nnot json\n")
+    with pytest.raises(ConfigError, match=r"x.jsonl line 3: not a"):
+        JsonlSource(str(src), ModelConfig(num_tokens=GRID[0] * GRID[1], codebook_size=K))
+
+
 def test_converter_refuses_output_with_no_samples(tmp_path):
     src = tmp_path / "x.jsonl"
     src.write_text('{"class_id": 2.9, "tokens": [1]}\n{"class_id": -1, "tokens": [1]}\n'

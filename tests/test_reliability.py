@@ -263,6 +263,14 @@ def test_checkpoint_with_crafted_pickle_is_refused(tmp_path):
     torch.save({"x": _Evil(marker)}, str(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     with pytest.raises(ckpt.CheckpointSecurityError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt.*exec"):
         ckpt.verify_no_code(str(tag))
+    # ranks split the folder (sorted files, every n-th): exactly one of two shares holds the crafted file
+    refused = []
+    for share in ((0, 2), (1, 2)):
+        try:
+            ckpt.verify_no_code(str(tag), share=share)
+        except ckpt.CheckpointSecurityError:
+            refused.append(share)
+    assert refused == [(0, 2)]  # sorted: mp_rank_00 (0), zero_pp_rank_0 (1), zero_pp_rank_1 (2): share 0 has 0, 2
     assert not os.path.exists(marker)
     # the same file handed to full pickle (what DeepSpeed would do) runs the code: the test payload is real
     torch.load(str(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), weights_only=False)
@@ -375,3 +383,64 @@ def test_heartbeat_rewrites_in_place_and_starts_empty(tmp_path):
     assert "rank 1 (pid" in describe_peers(out, 0, 2) and "last finished step 12" in describe_peers(out, 0, 2)
     Heartbeat(out, 1)  # the next run of this rank
     assert "rank 1: no heartbeat" in describe_peers(out, 0, 2)
+
+
+STOP_FLAG_SCRIPT = r"""
+import os, signal, torch, torch.distributed as dist
+from rear_ds.training import signals
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+signals.install()
+flag = signals.StopFlag(torch.device("cpu"))
+seen = [flag.poll(), flag.poll()]       # no signal yet
+os.kill(os.getpid(), signal.SIGUSR1)    # arrives between two steps
+seen += [flag.poll(), flag.poll()]      # the poll right after it starts the reduce; the next one reads it
+flag.drain()
+dist.destroy_process_group()
+print("SEEN", seen)
+"""
+
+
+def test_stop_flag_is_read_one_step_late_and_never_lost(tmp_path):
+    """The stop flag's all-reduce runs without blocking the step; its result is read at the next poll, so a
+    signal stops the loop exactly one step after the step boundary it arrived before."""
+    import subprocess
+    import sys
+
+    from rear_ds.demo import free_port
+
+    res = subprocess.run([sys.executable, "-c", STOP_FLAG_SCRIPT % free_port()], capture_output=True, text=True,
+                         timeout=120, cwd=th.ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SEEN [False, False, False, True]" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
+HELPER_SCRIPT = r"""
+import os, signal, sys, time
+from rear_ds.training import signals
+signals.install()
+# the helper: reports its signal mask, then outlives a SIGUSR1 sent to it by its parent (as Slurm signals every
+# process of the step)
+child = [sys.executable, "-c", "import signal, time; print(signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []), "
+         "flush=True); time.sleep(1.0); print('helper done', flush=True)"]
+import threading, psutil
+def hit():
+    time.sleep(0.5)
+    for p in psutil.Process().children(recursive=True) + [psutil.Process()]:
+        p.send_signal(signal.SIGUSR1)
+threading.Thread(target=hit).start()
+res = signals.run_helper(child)
+time.sleep(0.2)
+print("RC", res.returncode, "OUT", res.stdout.split(), "PARENT_FLAG", bool(signals._received))
+"""
+
+
+def test_helper_outlives_the_warning_signal_meant_for_the_trainer(tmp_path):
+    """A SIGUSR1 sent to every process (what Slurm does) leaves a helper such as ds_to_universal running, and
+    the trainer still records it (to checkpoint and stop at its next step boundary)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", HELPER_SCRIPT], capture_output=True, text=True, timeout=60,
+                         cwd=th.ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RC 0 OUT ['True', 'helper', 'done'] PARENT_FLAG True" in res.stdout, res.stdout + res.stderr[-2000:]

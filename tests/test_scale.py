@@ -103,3 +103,11 @@ def _check(res, events, tmp_path):
     assert sorted(fp16) == list(range(1, 26))
     first, last = (sum(fp16[s]["loss"] for s in r) / 3 for r in ((1, 2, 3), (23, 24, 25)))
     assert last < first - 0.2, (first, last)
+    # the LR is the schedule's value at the step counter even where fp16 overflows skipped updates
+    from rear_ds.config import load_config
+    from rear_ds.training.optim import lr_lambda
+
+    o = load_config(os.path.join(th.ROOT, "configs", "tiny.yaml"), ["optim.total_steps=25"]).optim
+    for s in fp16:
+        assert abs(fp16[s]["lr"] - o.lr * lr_lambda(s - 1, o.warmup_steps, o.total_steps, o.lr, o.end_lr)) < 1e-12
+    assert fp16[25]["skipped_steps"] > 0  # (11 of 25 here: the loss scale starts at 2^16) so the check above bites

@@ -209,6 +209,38 @@ def test_optimizer_state_is_placed_after_resume(tiny_model):
     assert optim.place_optimizer_state(wrapped) == 0
 
 
+def test_leftover_rank_under_srun_is_refused(monkeypatch):
+    """RANK=0 WORLD_SIZE=1 exported in a batch script, then `srun -n 4 python train.py`: every task would train
+    alone on the same out_dir. The launch is refused, naming the variables; a launcher's values pass."""
+    from rear_ds.training import launch_env
+
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    with pytest.raises(launch_env.LaunchError, match=r"RANK=0 WORLD_SIZE=1 .* srun task 2 of a 4-task step"):
+        launch_env.detect()
+    monkeypatch.setenv("WORLD_SIZE", "8")  # e.g. the deepspeed launcher in each of 4 tasks, 2 GPUs each
+    monkeypatch.setenv("RANK", "5")
+    assert launch_env.detect() == launch_env.LaunchEnv(5, 0, 8, "deepspeed/torchrun")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # outside an srun step nothing is compared
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert launch_env.detect().world_size == 1
+
+
+def test_cuda_device_of_a_task():
+    """One GPU per task (srun --gpus-per-task=1): device 0 whatever the local rank; all GPUs of the node
+    visible: the local rank; more processes than visible GPUs: a clear error."""
+    from rear_ds.training.launch_env import LaunchError, cuda_device_index
+
+    assert cuda_device_index(3, 1) == 0 and cuda_device_index(3, 8) == 3 and cuda_device_index(0, 8) == 0
+    with pytest.raises(LaunchError, match="local rank 5 but only 4 GPUs are visible"):
+        cuda_device_index(5, 4)
+
+
 def test_nodelist_parser():
     from rear_ds.training.launch_env import expand_nodelist
 

@@ -21,30 +21,37 @@ BLOCK_LINES = 8192  # lines per reader unit
 PERM_SEED = 0
 
 
-def line_offsets(path: str) -> np.ndarray:
-    """Byte offset of every non-empty line (one pass; cached beside the file when writable)."""
+INDEX_VERSION = 2  # of the cached line index (2: offsets + file line numbers)
+
+
+def line_index(path: str) -> tuple:
+    """(offsets, numbers) of every non-blank line: its byte offset and its 1-based line number in the file
+    (for messages; blank lines are skipped, so the i-th record is not always line i + 1). One pass over the
+    file, cached beside it when writable, keyed on the file's size and mtime."""
     st = os.stat(path)
     cache = f"{path}.lineidx.npy"
-    stamp = np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    stamp = np.array([INDEX_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
     if os.path.isfile(cache):
         arr = np.load(cache, allow_pickle=False)
-        if arr.shape[0] >= 2 and np.array_equal(arr[:2], stamp):
-            return arr[2:]
-    offsets, pos = [], 0
+        if arr.shape[0] >= 3 and (arr.shape[0] - 3) % 2 == 0 and np.array_equal(arr[:3], stamp):
+            n = (arr.shape[0] - 3) // 2
+            return arr[3:3 + n], arr[3 + n:]
+    offsets, numbers, pos = [], [], 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
                 offsets.append(pos)
+                numbers.append(number)
             pos += len(line)
-    arr = np.array(offsets, dtype=np.int64)
+    offsets, numbers = np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64)
     try:
         tmp = f"{cache}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.save(f, np.concatenate([stamp, arr]), allow_pickle=False)
+            np.save(f, np.concatenate([stamp, offsets, numbers]), allow_pickle=False)
         os.replace(tmp, cache)
     except OSError:
         pass  # read-only location: keep the index in memory only
-    return arr
+    return offsets, numbers
 
 
 def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int) -> tuple:
@@ -76,13 +83,13 @@ class JsonlSource:
             raise ConfigError(f"data.jsonl={path!r} does not exist")
         self.path, self.num_tokens, self.codebook_size = path, model_cfg.num_tokens, model_cfg.codebook_size
         self.num_classes = model_cfg.num_classes
-        self.offsets = line_offsets(path)
+        self.offsets, self.line_numbers = line_index(path)
         if len(self.offsets) == 0:
             raise ConfigError(f"data.jsonl={path!r} is empty")
         with open(path, "rb") as f:  # a clear error now rather than in a worker later
             f.seek(int(self.offsets[0]))
             try:
-                parse_line(f.readline(), f"{path} first line", self.num_tokens, self.codebook_size)
+                parse_line(f.readline(), f"{path} line {self.line_numbers[0]}", self.num_tokens, self.codebook_size)
             except S.ShardError as e:
                 raise ConfigError(f"data.jsonl does not match the model config (model.num_tokens="
                                   f"{self.num_tokens}, model.codebook_size={self.codebook_size}): {e}") from None
@@ -106,9 +113,10 @@ class JsonlSource:
             for i in range(base + skip, base + unit.count):
                 line = int(self.order[i])
                 f.seek(int(self.offsets[line]))
-                t, cls = parse_line(f.readline(), f"{self.path} line {line + 1}", self.num_tokens, self.codebook_size)
+                where = f"{self.path} line {self.line_numbers[line]}"
+                t, cls = parse_line(f.readline(), where, self.num_tokens, self.codebook_size)
                 if not 0 <= cls < self.num_classes:
-                    raise S.ShardError(f"{self.path} line {line + 1}: class_id {cls} outside [0, {self.num_classes})")
+                    raise S.ShardError(f"{where}: class_id {cls} outside [0, {self.num_classes})")
                 yield t, cls
 
 
@@ -120,7 +128,7 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, S.MANIFEST)) or any(n.startswith("shard-") for n in os.listdir(out)):
         raise S.ShardError(f"output folder {out!r} already holds shards; use an empty folder")
-    offsets = line_offsets(jsonl)
+    offsets, numbers = line_index(jsonl)
     order = np.arange(len(offsets)) if shuffle_seed < 0 else np.random.default_rng(shuffle_seed).permutation(len(offsets))
     n_tok = grid[0] * grid[1]
     entries, skipped, hist = [], [], {}
@@ -130,12 +138,13 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
             try:
                 for line in order[start: start + samples_per_shard]:
                     f.seek(int(offsets[line]))
+                    where = f"line {numbers[line]}"
                     try:
-                        t, cls = parse_line(f.readline(), f"line {line + 1}", n_tok, codebook_size)
+                        t, cls = parse_line(f.readline(), where, n_tok, codebook_size)
                     except S.ShardError as e:
-                        skipped.append({"src": f"line {line + 1}", "reason": str(e)})
+                        skipped.append({"src": where, "reason": str(e)})
                         continue
-                    w.add(S.sample_key(int(line), 0), t.reshape(grid), cls, -1, f"line {line + 1}")
+                    w.add(S.sample_key(int(line), 0), t.reshape(grid), cls, -1, where)
                     hist[str(cls)] = hist.get(str(cls), 0) + 1
             except BaseException:
                 w.abort()  # no half-written shard left behind to block a rerun

@@ -26,15 +26,16 @@ from torch.utils.checkpoint import checkpoint
 
 from rear_ds.config import ModelConfig
 
-# NVIDIA apex is optional: its fused LayerNorm has the same parameters and names as torch's.
-try:  # pragma: no cover - apex is not installed on the CPU test machines
-    from apex.normalization import FusedLayerNorm as _ApexLayerNorm
 
-    LayerNorm = _ApexLayerNorm
-    LAYERNORM_IMPL = "apex.FusedLayerNorm"
-except Exception:  # ImportError, or a broken apex build
-    LayerNorm = nn.LayerNorm
-    LAYERNORM_IMPL = "torch.nn.LayerNorm"
+def apex_layernorm():
+    """NVIDIA apex's FusedLayerNorm class (same parameters and state-dict names as torch's), or None when apex
+    is not installed: it is optional, never required. rear_ds.training.build decides where it is used."""
+    try:  # pragma: no cover - apex is not installed on the CPU test machines
+        from apex.normalization import FusedLayerNorm
+    except Exception:  # ImportError, or a broken apex build
+        return None
+    return FusedLayerNorm
+
 
 INIT_STD = 0.02
 
@@ -88,14 +89,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_layer=nn.LayerNorm):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         # QK-norm: one LayerNorm over head_dim, shared by all heads.
-        self.q_norm = LayerNorm(self.head_dim, eps=1e-6)
-        self.k_norm = LayerNorm(self.head_dim, eps=1e-6)
+        self.q_norm = norm_layer(self.head_dim, eps=1e-6)
+        self.k_norm = norm_layer(self.head_dim, eps=1e-6)
         self.attn_dropout = cfg.attn_dropout
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
         self.proj_drop = nn.Dropout(cfg.dropout)
@@ -143,12 +144,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm adaLN-Zero block; LayerNorms keep their own affine weights under the modulation."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_layer=nn.LayerNorm):
         super().__init__()
         D = cfg.hidden_size
-        self.norm1 = LayerNorm(D, eps=1e-6)
-        self.attn = Attention(cfg)
-        self.norm2 = LayerNorm(D, eps=1e-6)
+        self.norm1 = norm_layer(D, eps=1e-6)
+        self.attn = Attention(cfg, norm_layer)
+        self.norm2 = norm_layer(D, eps=1e-6)
         self.mlp = MLP(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ZeroLinear(D, 6 * D))
 
@@ -195,7 +196,8 @@ def align_head(cfg: ModelConfig) -> nn.Sequential:
 
 
 class ReARGenerator(nn.Module):
-    def __init__(self, cfg: ModelConfig, with_align_heads: bool = True):
+    def __init__(self, cfg: ModelConfig, with_align_heads: bool = True, norm_layer=nn.LayerNorm):
+        """``norm_layer``: the class of the blocks' LayerNorms (torch's, or apex's fused one in training)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -205,7 +207,7 @@ class ReARGenerator(nn.Module):
         self.pos_embed = _table(N + cfg.pos_table_extra, D)
         self.target_aware_pos_embed = _table(N + cfg.pos_table_extra, D)
         self.timesteps_embeddings = _table(N + cfg.cond_table_extra, D)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([Block(cfg, norm_layer) for _ in range(cfg.depth)])
         self.adaln_before_head = FinalLayer(cfg)
         self.lm_head = Linear(D, cfg.codebook_size)
         self.with_align_heads = with_align_heads

@@ -1,23 +1,45 @@
 """Building the pieces of a run: the generator (partitioned at birth under ZeRO-3), the codebook, sample grids."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import deepspeed
 import torch
+from torch import nn
 
-from rear_ds.models.generator import ReARGenerator
+from rear_ds.models.generator import ALIGN_PREFIXES, ReARGenerator, apex_layernorm
 
 log = logging.getLogger("rear_ds")
+
+
+def choose_layernorm(t, apex_cls) -> tuple:
+    """(class, why) of the blocks' LayerNorms for train config ``t``, given apex's class (None: not installed).
+
+    apex's fused kernel pays off with 16-bit weights. Under autocast (bf16_autocast) it would run in bf16, where
+    torch's LayerNorm runs in fp32 (the reference numerics), and under torch.compile its custom autograd
+    function breaks the graph while inductor fuses torch's LayerNorm by itself: "auto" keeps torch's there."""
+    if t.apex_layernorm == "never" or apex_cls is None:
+        why = "train.apex_layernorm=never" if t.apex_layernorm == "never" else "apex not installed"
+        return nn.LayerNorm, why
+    if t.apex_layernorm == "always":
+        return apex_cls, "train.apex_layernorm=always"
+    if t.precision not in ("bf16", "fp16"):
+        return nn.LayerNorm, f"train.precision={t.precision} (apex would change the LayerNorm numerics)"
+    if t.compile:
+        return nn.LayerNorm, "train.compile=true (inductor fuses torch's LayerNorm; apex would break the graph)"
+    return apex_cls, f"apex installed, train.precision={t.precision}"
 
 
 def build_model(cfg, ds_cfg: dict, zero_stage: int) -> ReARGenerator:
     """Under ZeRO-3 every parameter is partitioned as soon as its module is constructed, so no process
     ever holds the whole model; the generator initialises inside each layer's reset_parameters, which
     zero.Init runs on the full tensor before partitioning it, so the init is the reference one."""
+    norm_layer, why = choose_layernorm(cfg.train, apex_layernorm())
+    log.info("LayerNorm: %s.%s (%s)", norm_layer.__module__, norm_layer.__name__, why)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=zero_stage == 3):
-        model = ReARGenerator(cfg.model, with_align_heads=True)
+        model = ReARGenerator(cfg.model, with_align_heads=True, norm_layer=norm_layer)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k)
     if cfg.train.compile:
         import torch
@@ -46,6 +68,68 @@ def build_codebook(cfg, device):
     return tokenizer, codebook
 
 
+REPLICA_MEMORY_FRACTION = 0.5  # a ZeRO-3 sampling replica may take at most this share of the free memory
+
+
+def _replica_fits(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` fit in this rank's free memory with room to spare, agreed by all ranks (the two ways
+    of sampling run different collectives, so every rank must take the same one)."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    ok = torch.tensor([1 if nbytes <= REPLICA_MEMORY_FRACTION * free else 0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+@contextlib.contextmanager
+def sampling_model(model, cfg, zero_stage: int):
+    """The model to sample from (in eval mode inside the ``with``; its train mode restored after).
+
+    Under ZeRO-3 each rank holds 1/world of every parameter, and every layer's forward gathers its parameters
+    from all ranks. Sampling runs the model once per token (256 times per batch), so it would gather the whole
+    model 256 times per batch. Instead the parameters are gathered ONCE into a plain replica on this rank's
+    device (the align heads left out: sampling does not use them), which then samples with no collective at
+    all and is freed at the end. When the replica would not fit (see REPLICA_MEMORY_FRACTION), sampling goes
+    through the partitioned model, slower but in the memory training already uses. All ranks must enter
+    together under ZeRO-3."""
+    was_training = model.training
+    try:
+        if zero_stage != 3:
+            model.eval()
+            yield model
+            return
+        params = [(n, p) for n, p in model.named_parameters() if not n.startswith(ALIGN_PREFIXES)]
+        device = model.pos_embed.ds_tensor.device
+        nbytes = sum(p.ds_numel * p.element_size() for _, p in params)
+        if not _replica_fits(nbytes, device):
+            log.warning("sampling through the ZeRO-3 partitioned model (a %.2f GB replica does not fit in %.0f%% "
+                        "of the free memory): every token gathers the parameters again", nbytes / 1e9,
+                        100 * REPLICA_MEMORY_FRACTION)
+            model.eval()
+            # the root module's own tables are read outside its forward(): gather them explicitly
+            with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
+                yield model
+            return
+        state = {}
+        for name, p in params:  # one parameter at a time: at most the replica + one full tensor in memory
+            with deepspeed.zero.GatheredParameters([p]):
+                state[name] = p.data.detach().clone()
+        with torch.device("meta"):
+            replica = ReARGenerator(cfg.model, with_align_heads=False)
+        replica.load_state_dict(state, strict=True, assign=True)  # takes the gathered tensors as they are
+        del state
+        yield replica.eval().requires_grad_(False)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_grid(model, tokenizer, cfg, step: int, out_dir: str, rank: int, zero_stage: int):
     """Samples for train.sample_classes decoded into ``samples/step_<step>.png`` (path on rank 0, else None).
@@ -55,16 +139,11 @@ def sample_grid(model, tokenizer, cfg, step: int, out_dir: str, rank: int, zero_
     labels = torch.tensor(cfg.train.sample_classes, dtype=torch.long, device=model.pos_embed.device)
     indices = torch.arange(len(labels), device=labels.device)
     cpu_rng = torch.get_rng_state()  # sampling must not shift the training RNG stream
-    was_training = model.training
-    model.eval()
     try:
-        # The root module's own tables are read outside its forward(); gather them explicitly (ZeRO-3).
-        own = list(model.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(own, enabled=zero_stage == 3):
-            tokens = generate(model, labels, indices, cfg.sampling.seed, cfg.sampling)
+        with sampling_model(model, cfg, zero_stage) as m:
+            tokens = generate(m, labels, indices, cfg.sampling.seed, cfg.sampling)
         images = tokenizer.decode(tokens.to(next(tokenizer.parameters()).device)) if rank == 0 else None
     finally:
-        model.train(was_training)
         torch.set_rng_state(cpu_rng)
     if rank != 0:
         return None

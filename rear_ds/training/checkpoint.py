@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from rear_ds.training import signals
 
 log = logging.getLogger("rear_ds")
 
@@ -168,35 +169,52 @@ class CheckpointSecurityError(RuntimeError):
     """A checkpoint file references code (pickle globals) that a checkpoint written by rear_ds never does."""
 
 
-def verify_no_code(tag_dir: str) -> None:
+def verify_no_code(tag_dir: str, share: tuple = (0, 1)) -> None:
     """Refuse a checkpoint folder whose ``*.pt`` files would run code when unpickled.
 
     DeepSpeed's ``load_checkpoint`` (and ds_to_universal, zero_to_fp32) call ``torch.load(weights_only=False)``,
     i.e. full pickle. Before handing a folder to them, every pickle in it is scanned (opcodes only, no object
     is built, no tensor data read) for the globals it would import; anything outside torch's weights-only set
-    and :data:`DEEPSPEED_SAFE_GLOBALS` (for example ``os.system``, ``builtins.exec``) is refused, naming the file."""
+    and :data:`DEEPSPEED_SAFE_GLOBALS` (for example ``os.system``, ``builtins.exec``) is refused, naming the file.
+    ``share=(i, n)`` scans every n-th file from the i-th only: the ranks of a job split the folder between them
+    (see :func:`verify_no_code_on_all_ranks`)."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    for root, _, files in os.walk(tag_dir):
-        for name in sorted(files):
-            if not name.endswith((".pt", ".pth", ".bin")):
-                continue
-            path = os.path.join(root, name)
-            try:
-                bad = [g for g in get_unsafe_globals_in_checkpoint(path) if g not in DEEPSPEED_SAFE_GLOBALS]
-            except Exception as e:  # not a torch zip file, a malformed pickle, ...
-                raise CheckpointSecurityError(f"checkpoint file {path} cannot be checked safely ({e}); refusing "
-                                              "to unpickle it") from None
-            if bad and os.environ.get("REAR_TRUST_CHECKPOINT_PICKLES") == "1":
-                log.warning("checkpoint file %s references %s; loading it anyway (REAR_TRUST_CHECKPOINT_PICKLES=1)",
-                            path, ", ".join(bad[:5]))
-            elif bad:
-                raise CheckpointSecurityError(
-                    f"checkpoint file {path} references code ({', '.join(bad[:5])}): a checkpoint written by "
-                    "rear_ds never does. Refusing to load it (DeepSpeed would unpickle it with "
-                    "weights_only=False); only resume from checkpoints you wrote yourself. If you did write it "
-                    "(e.g. with another DeepSpeed version that pickles a new class), set "
-                    "REAR_TRUST_CHECKPOINT_PICKLES=1 to load it anyway.")
+    paths = sorted(os.path.join(root, name) for root, _, files in os.walk(tag_dir) for name in files
+                   if name.endswith((".pt", ".pth", ".bin")))
+    for path in paths[share[0]::share[1]]:
+        try:
+            bad = [g for g in get_unsafe_globals_in_checkpoint(path) if g not in DEEPSPEED_SAFE_GLOBALS]
+        except Exception as e:  # not a torch zip file, a malformed pickle, ...
+            raise CheckpointSecurityError(f"checkpoint file {path} cannot be checked safely ({e}); refusing "
+                                          "to unpickle it") from None
+        if bad and os.environ.get("REAR_TRUST_CHECKPOINT_PICKLES") == "1":
+            log.warning("checkpoint file %s references %s; loading it anyway (REAR_TRUST_CHECKPOINT_PICKLES=1)",
+                        path, ", ".join(bad[:5]))
+        elif bad:
+            raise CheckpointSecurityError(
+                f"checkpoint file {path} references code ({', '.join(bad[:5])}): a checkpoint written by "
+                "rear_ds never does. Refusing to load it (DeepSpeed would unpickle it with "
+                "weights_only=False); only resume from checkpoints you wrote yourself. If you did write it "
+                "(e.g. with another DeepSpeed version that pickles a new class), set "
+                "REAR_TRUST_CHECKPOINT_PICKLES=1 to load it anyway.")
+
+
+def verify_no_code_on_all_ranks(tag_dir: str) -> None:
+    """:func:`verify_no_code` split between the ranks (a ZeRO-3 checkpoint on 256 ranks has 512 files: scanned
+    once in all, not once per rank); raises on every rank if any rank's share was refused."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        verify_no_code(tag_dir, share=(rank, world))
+        problem = None
+    except CheckpointSecurityError as e:
+        problem = str(e)
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    refused = [p for p in problems if p]
+    if refused:
+        raise CheckpointSecurityError(refused[0] + (f" ({len(refused) - 1} more files refused)"
+                                                    if len(refused) > 1 else ""))
 
 
 # --------------------------------------------------------------------------------------
@@ -286,9 +304,9 @@ def estimate_bytes(ckpt_dir: str, num_params: int) -> tuple:
     return 16 * num_params, f"16 bytes x {num_params} parameters (first checkpoint)"
 
 
-def check_space(ckpt_dir: str, num_params: int) -> Optional[str]:
-    """None if the checkpoint folder's filesystem has room for the next checkpoint, else the reason."""
-    need, how = estimate_bytes(ckpt_dir, num_params)
+def check_space(ckpt_dir: str, need: int, how: str) -> Optional[str]:
+    """None if the checkpoint folder's filesystem has room for ``need`` bytes (x SPACE_MARGIN), else the reason
+    (``how``: how ``need`` was estimated, see :func:`estimate_bytes`)."""
     need = int(need * SPACE_MARGIN)
     free = shutil.disk_usage(ckpt_dir).free
     if free >= need:
@@ -344,8 +362,18 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, meta: dict, confi
     if read_meta(path):
         return True  # already saved at this step (e.g. a periodic save right before the final one)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    # rank 0 sizes the previous checkpoint (a walk over its files: once, not on every rank); each rank then
+    # checks the free space it sees
+    estimate = [None]
+    if rank == 0:
+        try:
+            estimate[0] = estimate_bytes(ckpt_dir, num_params)
+        except OSError as e:
+            estimate[0] = (16 * num_params, f"16 bytes x {num_params} parameters (the previous checkpoint's "
+                                            f"size could not be read: {_describe(e)})")
+    dist.broadcast_object_list(estimate, src=0)
     try:
-        problem = check_space(ckpt_dir, num_params)
+        problem = check_space(ckpt_dir, *estimate[0])
     except OSError as e:
         problem = f"cannot check free space in {ckpt_dir}: {_describe(e)}"
     problems = _gather_problems(problem)
@@ -417,7 +445,7 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
         log.info("process count changed: converting %s to a universal checkpoint %s", src, dst)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
                "--output_folder", dst, "--num_extract_workers", workers, "--num_merge_workers", workers]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = signals.run_helper(cmd)  # a Slurm SIGUSR1 must not kill the conversion
         if res.returncode != 0:
             msg = (f"ds_to_universal failed on {src} (exit {res.returncode}):\n"
                    f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

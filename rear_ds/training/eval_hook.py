@@ -27,28 +27,24 @@ def _share(num_samples: int, rank: int, world: int) -> range:
 @torch.no_grad()
 def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> np.ndarray:
     """uint8 (n, H, W, 3) images for the given global sample indices (all ranks must call this together)."""
-    import deepspeed
-
     from rear_ds.sampling import generate
+    from rear_ds.training.build import sampling_model
 
     device = model.pos_embed.device
     C = cfg.model.num_classes
     idx = torch.tensor(list(indices), dtype=torch.long)
     labels = idx % C
     rng = torch.get_rng_state()  # evaluation must not shift the training RNG stream
-    was_training = model.training
     out = []
     try:
-        own = list(model.parameters(recurse=False))  # root tables are read outside forward (ZeRO-3)
-        with deepspeed.zero.GatheredParameters(own, enabled=zero_stage == 3):
+        with sampling_model(model, cfg, zero_stage) as m:
             for start in range(0, len(idx), cfg.sampling.batch_size):
                 sl = slice(start, start + cfg.sampling.batch_size)
-                tokens = generate(model, labels[sl].to(device), idx[sl], cfg.sampling.seed, cfg.sampling)
+                tokens = generate(m, labels[sl].to(device), idx[sl], cfg.sampling.seed, cfg.sampling)
                 images = tokenizer.decode(tokens.to(next(tokenizer.parameters()).device))
                 # As the reference: clamp to [0, 1], x255, truncate to uint8, HWC.
                 out.append((images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     finally:
-        model.train(was_training)
         torch.set_rng_state(rng)
     return np.concatenate(out)
 

@@ -16,6 +16,10 @@ import subprocess
 from dataclasses import dataclass
 
 
+class LaunchError(RuntimeError):
+    """The launch environment contradicts itself (e.g. leftover RANK/WORLD_SIZE under srun)."""
+
+
 @dataclass
 class LaunchEnv:
     rank: int
@@ -73,6 +77,16 @@ def detect() -> LaunchEnv:
     """Read the launcher's variables; under plain srun, export the ones torch.distributed needs."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        step_tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+        if step_tasks.isdigit() and int(env["WORLD_SIZE"]) < int(step_tasks):
+            # A launcher inside each srun task starts at least one process per task, so a smaller world can
+            # only be a leftover export: trusting it would start independent runs on the same out_dir.
+            raise LaunchError(
+                f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} in the environment of srun task "
+                f"{env.get('SLURM_PROCID', '?')} of a {step_tasks}-task step (SLURM_STEP_NUM_TASKS): WORLD_SIZE "
+                "cannot be smaller than the number of srun tasks, so these are left over from an earlier export. "
+                "Unset RANK, WORLD_SIZE and LOCAL_RANK (rear_ds derives them from SLURM_PROCID / SLURM_NTASKS "
+                "under plain srun), or start a launcher (deepspeed, torchrun) in each task.")
         return LaunchEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                          "deepspeed/torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
@@ -92,6 +106,18 @@ def detect() -> LaunchEnv:
     return LaunchEnv(0, 0, 1, "single")
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this process among the ``visible`` ones. Under ``srun --gpus-per-task=1`` or
+    ``--gpu-bind=single:1`` each task sees only its own GPU (as device 0), whatever its local rank."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise LaunchError(f"local rank {local_rank} but only {visible} GPUs are visible to this process "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start one process "
+                      "per visible GPU, or bind one GPU per task (srun --gpus-per-task=1)")
+
+
 def init_distributed(launch: LaunchEnv, timeout_s: int):
     """Start the process group: nccl on GPUs, gloo on the CPU. A dead or hung peer fails a collective
     after ``timeout_s`` instead of blocking forever. Returns the torch device of this process."""
@@ -101,8 +127,9 @@ def init_distributed(launch: LaunchEnv, timeout_s: int):
 
     acc = get_accelerator()
     if acc.device_name() == "cuda":
-        torch.cuda.set_device(launch.local_rank)
-        device = torch.device("cuda", launch.local_rank)
+        index = cuda_device_index(launch.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device(acc.device_name())
     backend = "nccl" if device.type == "cuda" else "gloo"

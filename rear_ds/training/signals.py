@@ -1,11 +1,12 @@
 """Preemption: SIGTERM (Slurm's kill, or --signal with a time margin) and SIGUSR1 (Slurm's usual warning
-signal) only set a flag; the loop sees it at the next step boundary, saves a checkpoint and exits with
-EXIT_PREEMPTED, which the Slurm script requeues. Ranks agree on the flag with an all-reduce, so a signal
-that reaches only one process still stops every process at the same step."""
+signal) only set a flag; the loop sees it at a step boundary (one step later, see StopFlag), saves a checkpoint
+and exits with EXIT_PREEMPTED, which the Slurm script requeues. Ranks agree on the flag with an all-reduce, so a
+signal that reaches only one process still stops every process at the same step."""
 from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -31,10 +32,45 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def stop_requested() -> bool:
-    """True on every rank if any rank received a stop signal (a collective: call on all ranks)."""
-    t = torch.tensor([1 if _received else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class StopFlag:
+    """The ranks' agreement on "stop", one step late so that asking never stalls the GPU.
+
+    A blocking all-reduce + ``.item()`` every step would make the host wait for the GPU to drain its queue,
+    so the next step's kernels could not be queued behind the current ones. Instead, :meth:`poll` starts
+    this step's all-reduce without waiting and returns the previous step's result, by which time the GPU
+    has usually finished it. Every rank reads the same reduced value at the same step, so all ranks stop
+    together, one step after the signal (Slurm's warning margins are minutes; a step is seconds)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else torch.device("cpu")  # gloo reduces CPU tensors
+        self._pending = None  # (work handle, tensor) of the all-reduce started at the previous poll
+
+    def poll(self) -> bool:
+        """Collective: call on all ranks once per step. True when some rank had a signal at the last poll."""
+        flag = torch.tensor([1 if _received else 0], dtype=torch.int32).to(self.device, non_blocking=True)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
+
+    def drain(self) -> None:
+        """Wait for the all-reduce in flight (at the end: no collective may be left pending at teardown)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+
+
+def run_helper(cmd: list, **popen_kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` for a helper the trainer waits on (e.g.
+    ds_to_universal), with SIGUSR1 blocked in the helper. Slurm delivers its warning signal to every process of
+    the step, and SIGUSR1's default action is to terminate: the helper would die half-way, while the signal is
+    meant for the trainer, which checkpoints at its next step boundary. The block is inherited through exec; in
+    this process it lasts only while the helper is spawned (a signal that arrives then is delivered right after)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
