@@ -267,10 +267,12 @@ def test_checkpoint_with_crafted_pickle_is_refused(tmp_path):
     refused = []
     for share in ((0, 2), (1, 2)):
         try:
-            ckpt.verify_no_code(str(tag), share=share)
+            ckpt.verify_no_code(str(tag), paths=ckpt.checkpoint_pickles(str(tag))[share[0]::share[1]])
         except ckpt.CheckpointSecurityError:
             refused.append(share)
     assert refused == [(0, 2)]  # sorted: mp_rank_00 (0), zero_pp_rank_0 (1), zero_pp_rank_1 (2): share 0 has 0, 2
+    with pytest.raises(ckpt.CheckpointSecurityError, match="gone.pt cannot be checked safely"):
+        ckpt.verify_no_code(str(tag), paths=[str(tag / "gone.pt")])  # listed by rank 0, missing here
     assert not os.path.exists(marker)
     # the same file handed to full pickle (what DeepSpeed would do) runs the code: the test payload is real
     torch.load(str(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), weights_only=False)

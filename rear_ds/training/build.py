@@ -68,6 +68,16 @@ def build_codebook(cfg, device):
     return tokenizer, codebook
 
 
+def compute_device(model, zero_stage: int) -> torch.device:
+    """Where ``model`` computes. Under ZeRO-3 a parameter's own device can be the host (offload_param), so ask
+    the accelerator (cuda:i, or cpu) rather than a parameter."""
+    if zero_stage != 3:
+        return model.pos_embed.device
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 REPLICA_MEMORY_FRACTION = 0.5  # a ZeRO-3 sampling replica may take at most this share of the free memory
 
 
@@ -106,7 +116,7 @@ def sampling_model(model, cfg, zero_stage: int):
             yield model
             return
         params = [(n, p) for n, p in model.named_parameters() if not n.startswith(ALIGN_PREFIXES)]
-        device = model.pos_embed.ds_tensor.device
+        device = compute_device(model, zero_stage)
         nbytes = sum(p.ds_numel * p.element_size() for _, p in params)
         if not _replica_fits(nbytes, device):
             log.warning("sampling through the ZeRO-3 partitioned model (a %.2f GB replica does not fit in %.0f%% "
@@ -120,12 +130,17 @@ def sampling_model(model, cfg, zero_stage: int):
         state = {}
         for name, p in params:  # one parameter at a time: at most the replica + one full tensor in memory
             with deepspeed.zero.GatheredParameters([p]):
-                state[name] = p.data.detach().clone()
-        with torch.device("meta"):
-            replica = ReARGenerator(cfg.model, with_align_heads=False)
+                state[name] = p.data.detach().to(device, copy=True)
+        with torch.device("meta"):  # the same LayerNorm class as the trained model (apex or torch)
+            replica = ReARGenerator(cfg.model, with_align_heads=False, norm_layer=type(model.blocks[0].norm1))
         replica.load_state_dict(state, strict=True, assign=True)  # takes the gathered tensors as they are
         del state
-        yield replica.eval().requires_grad_(False)
+        try:
+            yield replica.eval().requires_grad_(False)
+        finally:
+            del replica
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the replica's memory back for training's own peaks
     finally:
         model.train(was_training)
 
@@ -136,7 +151,7 @@ def sample_grid(model, tokenizer, cfg, step: int, out_dir: str, rank: int, zero_
     All ranks call this: under ZeRO-3 every rank must join the parameter gathers."""
     from rear_ds.sampling import generate
 
-    labels = torch.tensor(cfg.train.sample_classes, dtype=torch.long, device=model.pos_embed.device)
+    labels = torch.tensor(cfg.train.sample_classes, dtype=torch.long, device=compute_device(model, zero_stage))
     indices = torch.arange(len(labels), device=labels.device)
     cpu_rng = torch.get_rng_state()  # sampling must not shift the training RNG stream
     try:

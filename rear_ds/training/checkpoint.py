@@ -169,20 +169,24 @@ class CheckpointSecurityError(RuntimeError):
     """A checkpoint file references code (pickle globals) that a checkpoint written by rear_ds never does."""
 
 
-def verify_no_code(tag_dir: str, share: tuple = (0, 1)) -> None:
+def checkpoint_pickles(tag_dir: str) -> list:
+    """The files of a checkpoint folder that DeepSpeed would unpickle, sorted."""
+    return sorted(os.path.join(root, name) for root, _, files in os.walk(tag_dir) for name in files
+                  if name.endswith((".pt", ".pth", ".bin")))
+
+
+def verify_no_code(tag_dir: str, paths: Optional[list] = None) -> None:
     """Refuse a checkpoint folder whose ``*.pt`` files would run code when unpickled.
 
     DeepSpeed's ``load_checkpoint`` (and ds_to_universal, zero_to_fp32) call ``torch.load(weights_only=False)``,
     i.e. full pickle. Before handing a folder to them, every pickle in it is scanned (opcodes only, no object
     is built, no tensor data read) for the globals it would import; anything outside torch's weights-only set
     and :data:`DEEPSPEED_SAFE_GLOBALS` (for example ``os.system``, ``builtins.exec``) is refused, naming the file.
-    ``share=(i, n)`` scans every n-th file from the i-th only: the ranks of a job split the folder between them
-    (see :func:`verify_no_code_on_all_ranks`)."""
+    ``paths``: only these files (default: all of :func:`checkpoint_pickles`); a listed file that cannot be read
+    is refused too."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    paths = sorted(os.path.join(root, name) for root, _, files in os.walk(tag_dir) for name in files
-                   if name.endswith((".pt", ".pth", ".bin")))
-    for path in paths[share[0]::share[1]]:
+    for path in checkpoint_pickles(tag_dir) if paths is None else paths:
         try:
             bad = [g for g in get_unsafe_globals_in_checkpoint(path) if g not in DEEPSPEED_SAFE_GLOBALS]
         except Exception as e:  # not a torch zip file, a malformed pickle, ...
@@ -202,10 +206,14 @@ def verify_no_code(tag_dir: str, share: tuple = (0, 1)) -> None:
 
 def verify_no_code_on_all_ranks(tag_dir: str) -> None:
     """:func:`verify_no_code` split between the ranks (a ZeRO-3 checkpoint on 256 ranks has 512 files: scanned
-    once in all, not once per rank); raises on every rank if any rank's share was refused."""
+    once in all, not once per rank); raises on every rank if any rank's share was refused. Rank 0 lists the
+    folder for all (listings can differ between the nodes' NFS clients for a while: no file may fall between
+    two shares)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    listing = [checkpoint_pickles(tag_dir) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
     try:
-        verify_no_code(tag_dir, share=(rank, world))
+        verify_no_code(tag_dir, paths=listing[0][rank::world])
         problem = None
     except CheckpointSecurityError as e:
         problem = str(e)
@@ -213,7 +221,7 @@ def verify_no_code_on_all_ranks(tag_dir: str) -> None:
     dist.all_gather_object(problems, problem)
     refused = [p for p in problems if p]
     if refused:
-        raise CheckpointSecurityError(refused[0] + (f" ({len(refused) - 1} more files refused)"
+        raise CheckpointSecurityError(refused[0] + (f" ({len(refused)} ranks refused a file of their share)"
                                                     if len(refused) > 1 else ""))
 
 

@@ -28,9 +28,9 @@ def _share(num_samples: int, rank: int, world: int) -> range:
 def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> np.ndarray:
     """uint8 (n, H, W, 3) images for the given global sample indices (all ranks must call this together)."""
     from rear_ds.sampling import generate
-    from rear_ds.training.build import sampling_model
+    from rear_ds.training.build import compute_device, sampling_model
 
-    device = model.pos_embed.device
+    device = compute_device(model, zero_stage)
     C = cfg.model.num_classes
     idx = torch.tensor(list(indices), dtype=torch.long)
     labels = idx % C

@@ -128,6 +128,8 @@ def init_distributed(launch: LaunchEnv, timeout_s: int):
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         index = cuda_device_index(launch.local_rank, torch.cuda.device_count())
+        # DeepSpeed (init_distributed, the engine, zero.Init) reads the device from $LOCAL_RANK: make it agree
+        os.environ["LOCAL_RANK"] = str(index)
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
     else:

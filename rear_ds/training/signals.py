@@ -35,30 +35,43 @@ def install() -> None:
 class StopFlag:
     """The ranks' agreement on "stop", one step late so that asking never stalls the GPU.
 
-    A blocking all-reduce + ``.item()`` every step would make the host wait for the GPU to drain its queue,
-    so the next step's kernels could not be queued behind the current ones. Instead, :meth:`poll` starts
-    this step's all-reduce without waiting and returns the previous step's result, by which time the GPU
-    has usually finished it. Every rank reads the same reduced value at the same step, so all ranks stop
-    together, one step after the signal (Slurm's warning margins are minutes; a step is seconds)."""
+    A blocking all-reduce + ``.item()`` every step would make the host wait until the GPU has run every kernel
+    queued so far, so the next step's kernels could not be queued behind the current ones. Instead, each
+    :meth:`poll` queues this step's all-reduce and a non-blocking copy of its result to pinned host memory,
+    marked by a CUDA event, and returns the PREVIOUS poll's result: waiting for that event waits only for the
+    previous step's work, which the GPU has usually finished. Every rank reads the same reduced value at the
+    same poll, so all ranks stop together, one step after the signal (Slurm's margins are minutes; a step is
+    seconds). On the CPU (gloo) the all-reduce simply completes inside poll; the one-step delay is the same."""
 
     def __init__(self, device: torch.device):
-        self.device = device if device.type == "cuda" else torch.device("cpu")  # gloo reduces CPU tensors
-        self._pending = None  # (work handle, tensor) of the all-reduce started at the previous poll
+        self.cuda = device.type == "cuda"
+        self.device = device if self.cuda else torch.device("cpu")
+        self._pending = None  # (CUDA event or None, host tensor) of the previous poll
 
     def poll(self) -> bool:
         """Collective: call on all ranks once per step. True when some rank had a signal at the last poll."""
-        flag = torch.tensor([1 if _received else 0], dtype=torch.int32).to(self.device, non_blocking=True)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        previous, self._pending = self._pending, (work, flag)
+        # torch.full: a fill kernel on the GPU, no host-to-device copy (a pageable copy would synchronise)
+        flag = torch.full((1,), 1 if _received else 0, dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, not the host
+        event = None
+        if self.cuda:
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flag
+        previous, self._pending = self._pending, (event, host)
         if previous is None:
             return False
-        previous[0].wait()
+        if previous[0] is not None:
+            previous[0].synchronize()
         return bool(previous[1].item())
 
     def drain(self) -> None:
-        """Wait for the all-reduce in flight (at the end: no collective may be left pending at teardown)."""
-        if self._pending is not None:
-            self._pending[0].wait()
+        """Wait for the last poll's copy (at the end of training, before the process group goes)."""
+        if self._pending is not None and self._pending[0] is not None:
+            self._pending[0].synchronize()
 
 
 def run_helper(cmd: list, **popen_kw) -> subprocess.CompletedProcess:
