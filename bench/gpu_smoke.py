@@ -1,5 +1,5 @@
 """The trainer on a GPU under the real launcher: short `deepspeed --num_gpus 1 rear_ds/train.py` runs of
-configs/tiny.yaml on made-up class-dependent tokens (bench/gpu.sh runs this after the benchmark).
+configs/tiny.yaml on made-up class-dependent tokens (bench/gpu.sh runs this before the benchmark).
 
     python -m bench.gpu_smoke --out DIR      # writes DIR/gpu_smoke.json; exit 1 if a run failed
 

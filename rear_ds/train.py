@@ -192,9 +192,10 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
+    norm_cls = type(model.blocks[0].norm1)  # torch's LayerNorm or apex's (build.choose_layernorm)
     run_info = {"world_size": world, "launcher": env.launcher, "device": str(device), "zero_stage": stage,
                 "precision": t.precision, "optimizer_impl": opt_impl,
-                "layernorm_impl": f"{type(model.blocks[0].norm1).__module__}.{type(model.blocks[0].norm1).__name__}",
+                "layernorm_impl": f"{norm_cls.__module__}.{norm_cls.__name__}",
                 "params": count_parameters(cfg.model, include_align=True), "flops_per_sample": flops,
                 "global_batch": global_batch, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
                 "resumed_from": load_tag, "start_step": step, "reliability": survival_summary(cfg)}
@@ -206,7 +207,6 @@ def train(cfg, ds_cfg: dict, env) -> int:
     meter = metrics.Throughput(flops, cfg.model.num_tokens, world, metrics.peak_tflops(t.peak_tflops))
     keys = ("loss", "ce", "enc_align", "dec_align", "token_acc", "noise_frac")
     sums, n_sum = torch.zeros(len(keys), device=device), 0  # on the device: no host sync until log time
-    corrupt = lambda: float(getattr(loader, "stats", {}).get("corrupt_shards_skipped", 0))  # noqa: E731
 
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
@@ -253,21 +253,22 @@ def train(cfg, ds_cfg: dict, env) -> int:
         meter.samples += global_batch
 
         if step % t.log_every == 0 or step == t.max_steps:
-            avg = torch.cat([sums.cpu() / n_sum, torch.tensor([corrupt()])])
+            stats = loader.stats
+            avg = torch.cat([sums.cpu() / n_sum, torch.tensor([float(stats["corrupt_shards_skipped"])])])
             avg = avg.to(device if device.type == "cuda" else "cpu")
             dist.all_reduce(avg)
             avg = (avg / world).tolist()
             corrupt_total = 0
             if avg.pop() > 0:  # some rank skipped a shard; two ranks may share one: count distinct names
                 names = [None] * world
-                dist.all_gather_object(names, getattr(loader, "stats", {}).get("corrupt_shards", []))
+                dist.all_gather_object(names, stats["corrupt_shards"])
                 corrupt_total = len(set().union(*names))
             gn = engine.get_global_grad_norm()
             rec = {"step": step, **dict(zip(keys, avg)), "rho": objective.rho(step - 1), "lr": lr,
                    "grad_norm": float(gn) if gn is not None else None, "skipped_steps": engine.skipped_steps,
                    **meter.summary(),
                    "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch}
-            rec["data"] = getattr(loader, "stats", None)  # rank 0's reader
+            rec["data"] = stats  # rank 0's reader
             rec["corrupt_shards_skipped"] = corrupt_total  # all ranks
             logger.log_step(rec)
             sums.zero_()
@@ -286,7 +287,6 @@ def train(cfg, ds_cfg: dict, env) -> int:
             ok = save_checkpoint()
             if not ok and (stopped or step == t.max_steps):
                 log.error("the final checkpoint could not be written; exiting with an error")
-                stop_flag.drain()
                 logger.close()
                 return signals.EXIT_ERROR
         if stopped:
@@ -294,7 +294,6 @@ def train(cfg, ds_cfg: dict, env) -> int:
                         signals.EXIT_PREEMPTED)
             break
 
-    stop_flag.drain()
     logger.write({"event": "stop" if stopped else "finished", "step": step})
     logger.close()
     dist.barrier()

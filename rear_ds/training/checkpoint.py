@@ -304,12 +304,16 @@ def estimate_bytes(ckpt_dir: str, num_params: int) -> tuple:
     """(bytes, how) the next checkpoint will take on this filesystem: the previous complete checkpoint's size,
     or, for the first one, 16 bytes per parameter (fp32 master weights + two Adam moments + 16-bit weights).
     Every rank of the job is assumed to write to the same filesystem (the usual shared checkpoint folder)."""
-    tags = complete_tags(ckpt_dir)
-    if tags:
-        prev = os.path.join(ckpt_dir, tags[-1])
-        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(prev) for f in fs)
-        return total, f"size of the previous checkpoint {tags[-1]}"
-    return 16 * num_params, f"16 bytes x {num_params} parameters (first checkpoint)"
+    try:
+        tags = complete_tags(ckpt_dir)
+        if tags:
+            prev = os.path.join(ckpt_dir, tags[-1])
+            total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(prev) for f in fs)
+            return total, f"size of the previous checkpoint {tags[-1]}"
+        why = "first checkpoint"
+    except OSError as e:
+        why = f"the previous checkpoint's size could not be read: {_describe(e)}"
+    return 16 * num_params, f"16 bytes x {num_params} parameters ({why})"
 
 
 def check_space(ckpt_dir: str, need: int, how: str) -> Optional[str]:
@@ -372,13 +376,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, meta: dict, confi
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     # rank 0 sizes the previous checkpoint (a walk over its files: once, not on every rank); each rank then
     # checks the free space it sees
-    estimate = [None]
-    if rank == 0:
-        try:
-            estimate[0] = estimate_bytes(ckpt_dir, num_params)
-        except OSError as e:
-            estimate[0] = (16 * num_params, f"16 bytes x {num_params} parameters (the previous checkpoint's "
-                                            f"size could not be read: {_describe(e)})")
+    estimate = [estimate_bytes(ckpt_dir, num_params) if rank == 0 else None]
     dist.broadcast_object_list(estimate, src=0)
     try:
         problem = check_space(ckpt_dir, *estimate[0])

@@ -68,11 +68,6 @@ class StopFlag:
             previous[0].synchronize()
         return bool(previous[1].item())
 
-    def drain(self) -> None:
-        """Wait for the last poll's copy (at the end of training, before the process group goes)."""
-        if self._pending is not None and self._pending[0] is not None:
-            self._pending[0].synchronize()
-
 
 def run_helper(cmd: list, **popen_kw) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` for a helper the trainer waits on (e.g.
