@@ -13,7 +13,7 @@ def _catches_import_error(node: ast.Try) -> bool:
     for h in node.handlers:
         t = h.type
         names += [e.id for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)]
-    return bool({"ImportError", "ModuleNotFoundError"} & set(names))
+    return bool({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"} & set(names))
 
 
 def rear_ds_imports() -> tuple:
