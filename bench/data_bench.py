@@ -30,15 +30,32 @@ def write_shards(root: str, num_samples: int, num_tokens: int = 256, codebook_si
 
 def bench_reader_throughput(micro_batch_size: int, num_samples: int, batches: int, num_workers: int,
                             warmup: int = 2) -> dict:
-    from rear_ds.data.bench import bench_reader  # the data engineer's helper
+    """Samples/s of the training reader in both data orders, and how well each mixes (rear_ds.data.bench).
 
+    Mixing is measured where the resampled order used to mix worst (issue 20 item 2): a rank that owns a
+    single shard (rank 0 of num_samples / 1024 ranks, 1024 samples each), its workers, two micro-batches per
+    optimizer step, two passes over its share."""
+    from rear_ds.config import DataConfig, ModelConfig
+    from rear_ds.data.bench import bench_reader, mixing_stats  # the data engineer's helpers
+    from rear_ds.data.reader import build_train_loader
+
+    per_shard = 1024
+    out = {"micro_batch_size": micro_batch_size, "num_workers": num_workers, "batches": batches,
+           "num_samples_in_shards": num_samples, "samples_per_shard": per_shard, "num_tokens": 256,
+           "helper": "rear_ds.data.bench.bench_reader + mixing_stats", "orders": {}}
     with tempfile.TemporaryDirectory(prefix="rear_bench_shards_") as root:
-        shards = write_shards(root, num_samples)
-        sps = bench_reader(shards, micro_batch_size=micro_batch_size, num_workers=num_workers, batches=batches,
-                           warmup=warmup)
-    return {"samples_per_s": sps, "micro_batch_size": micro_batch_size, "num_workers": num_workers,
-            "batches": batches, "num_samples_in_shards": num_samples, "num_tokens": 256,
-            "helper": "rear_ds.data.bench.bench_reader"}
+        shards = write_shards(root, num_samples, samples_per_shard=per_shard)
+        world = max(1, num_samples // per_shard)
+        for order in ("epoch", "resampled"):
+            sps = bench_reader(shards, micro_batch_size=micro_batch_size, num_workers=num_workers, batches=batches,
+                               warmup=warmup, order=order)
+            loader = build_train_loader(DataConfig(shards=shards, num_workers=num_workers, order=order),
+                                        ModelConfig(codebook_size=1024, num_tokens=256), 0, world, 0, micro_batch_size)
+            mix = mixing_stats(loader, share=num_samples // world, passes=2, accum=2)
+            loader.close()
+            out["orders"][order] = {"samples_per_s": sps, "mixing": dict(mix, world_size=world)}
+    out["samples_per_s"] = out["orders"]["epoch"]["samples_per_s"]  # the default order
+    return out
 
 
 def bench_tokenization(full_size: bool, batch: int, iters: int, device: torch.device) -> dict:
