@@ -358,6 +358,10 @@ def test_crafted_huge_member_is_a_corrupt_shard(data, tmp_path, order):
     _crafted_huge_member(d / "shard-000001.tar")
     with pytest.raises(ShardError, match="shard-000001.tar"):
         list(S.iter_shard(str(d / "shard-000001.tar")))
+    from rear_ds.data.sources import InputError, list_wds  # the same tar as a tokenizer input: a clear error
+
+    with pytest.raises(InputError, match="shard-000001.tar.*not a readable tar file"):
+        list_wds(str(d / "shard-000001.tar"))
     m = load_manifest(str(d))
     m["shards"][1]["bytes"] = (d / "shard-000001.tar").stat().st_size  # its size agrees with the manifest
     S.write_json_atomic(str(d / S.MANIFEST), m)
