@@ -223,6 +223,18 @@ class ShardFile:
         self.sample_size = 0  # known after open_layout()
         self.index_offset = -1  # byte offset of the __rear_index__ member, -1 when the shard has none (v1)
         self._npy_head = b""  # the .npy header of this shard's samples (all equal): later ones skip np.load
+        self._fd: Optional[int] = None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):  # never hand an open descriptor to another process
+        return dict(self.__dict__, _fd=None)
 
     def _os(self, e: OSError, what: str) -> ShardReadError:
         return ShardReadError(f"shard {self.path}: {what} failed: [{errno.errorcode.get(e.errno, e.errno)}] "
@@ -230,12 +242,11 @@ class ShardFile:
 
     def _pread(self, offset: int, size: int) -> bytes:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                out = os.pread(fd, size, offset)
-            finally:
-                os.close(fd)
+            if self._fd is None:  # kept open (one per shard and process); closed after an error, so a retry reopens
+                self._fd = os.open(self.path, os.O_RDONLY)
+            out = os.pread(self._fd, size, offset)
         except OSError as e:
+            self.close()
             raise self._os(e, "read") from None
         if len(out) != size:
             raise ShardError(f"shard {self.path} is truncated: {len(out)} of {size} bytes at offset {offset}")
@@ -362,10 +373,13 @@ def iter_shard(path: str, start: int = 0, limit: Optional[int] = None, chunk: in
     Yields ``{"key", "tokens" (uint16 grid), "cls", "view", "src"}``. Raises ShardError (naming the shard
     and sample) on truncated/corrupt data or missing members, ShardReadError on OS errors."""
     f = ShardFile(path, 0)
-    f.samples = n = f.count()
-    end = n if limit is None else min(n, start + limit)
-    for a in range(start, end, chunk):
-        yield from f.read(a, min(chunk, end - a))
+    try:
+        f.samples = n = f.count()
+        end = n if limit is None else min(n, start + limit)
+        for a in range(start, end, chunk):
+            yield from f.read(a, min(chunk, end - a))
+    finally:
+        f.close()
 
 
 def load_manifest(folder: str) -> dict:
