@@ -462,10 +462,11 @@ def markdown(res: dict) -> str:
                      f"{d['num_workers']} workers, 256-token samples, {d['helper']})")
         for o, v in d.get("orders", {}).items():
             mx = v["mixing"]
-            L.append(f"- data.order={o}: {_f(v['samples_per_s'], 0)} samples/s; mixing (rank 0 of {mx['world_size']}, "
-                     f"{mx['share']} samples each, micro-batch {mx['micro_batch']}, {mx['accum']} per step): samples "
-                     f"shared by the micro-batches of a step {_f(mx['step_shared'])}, by batch j of consecutive passes "
-                     f"{_f(mx['pass_shared'])} (independent random batches: {_f(mx['random_shared'])})")
+            L.append(f"- data.order={o}: {_f(v['samples_per_s'], 0)} samples/s; mixing (one rank owning one shard of "
+                     f"{mx['population']} samples, {mx['workers']} workers, micro-batch {mx['micro_batch']}, "
+                     f"{mx['accum']} per step): samples shared by the micro-batches of a step {_f(mx['step_shared'])}, "
+                     f"by batch j of consecutive passes {_f(mx['pass_shared'])} (independent random batches: "
+                     f"{_f(mx['random_shared'])})")
         if "images_per_s" in tk:
             L.append(f"- tokenization: {_f(tk['images_per_s'], 3)} images/s ({tk['tokenizer']} {tk['image_size']}px, "
                      f"{tk['params'] / 1e6:.1f}M params, batch {tk['batch']}, {tk['weights']}, {tk.get('precision', 'fp32')})")

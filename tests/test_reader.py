@@ -183,20 +183,21 @@ def test_shuffling_depends_on_seed(data, order):
 
 
 def test_mixing_is_close_to_random(tmp_path):
-    """Issue 20 item 2: one rank holding a single shard, two DataLoader workers, two micro-batches per step.
-    The old reader's workers read that shard in lockstep through a 1000-sample buffer: batches of one step
-    shared about 10x what random batches share, and so did batch j of consecutive passes."""
+    """Issue 20 item 2: one rank owning a single shard much larger than the old 1000-sample buffer, two
+    DataLoader workers, two micro-batches per step. The old reader's workers read that shard in lockstep:
+    the micro-batches of a step shared ~4x what random batches share, and so did batch j of a worker's
+    consecutive passes. Now both stay near random (epoch order: no sample twice within an epoch)."""
     from rear_ds.data.bench import mixing_stats
 
     jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text("\n".join(_line(i) for i in range(2048)) + "\n")
-    convert(str(jsonl), str(tmp_path / "s"), GRID, K, samples_per_shard=4096, shuffle_seed=-1)  # one shard
+    jsonl.write_text("\n".join(_line(i) for i in range(8192)) + "\n")
+    convert(str(jsonl), str(tmp_path / "s"), GRID, K, samples_per_shard=8192, shuffle_seed=-1)  # one shard
     for order in ORDERS:
-        it = loader(tmp_path / "s", workers=2, batch=32, order=order, shuffle_buffer=R.DataConfig.shuffle_buffer)
-        m = mixing_stats(it, share=2048, passes=2, accum=2)
+        it = loader(tmp_path / "s", workers=2, batch=128, order=order, shuffle_buffer=R.DataConfig.shuffle_buffer)
+        m = mixing_stats(it, pass_batches=64, population=8192, workers=2)
         it.close()
-        assert m["random_shared"] == 0.5 and m["batches_per_pass"] == 64
-        assert m["step_shared"] < 1.5 and m["pass_shared"] < 1.5, (order, m)
+        assert m["random_shared"] == 2.0
+        assert m["step_shared"] < 4 and m["pass_shared"] < 4, (order, m)
         if order == "epoch":
             assert m["step_shared"] == 0  # one epoch never repeats a sample
 

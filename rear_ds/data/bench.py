@@ -28,25 +28,26 @@ def bench_reader(shards_dir: str, micro_batch_size: int = 256, num_workers: int 
     return batches * micro_batch_size / dt
 
 
-def mixing_stats(loader, share: int, passes: int = 2, accum: int = 2) -> dict:
-    """How well the stream mixes, next to what independent uniform batches would give (B^2 / share shared
-    samples for two batches of B from a rank's ``share`` samples):
+def mixing_stats(loader, pass_batches: int, population: int, workers: int = 1, accum: int = 2) -> dict:
+    """How well the stream mixes, next to what independent uniform batches would give (B^2 / population
+    shared samples for two batches of B drawn from ``population`` samples):
 
-    * ``step``: samples shared by the ``accum`` micro-batches of one optimizer step (mean over the pairs);
-    * ``passes``: samples shared by batch j of one pass over the share and batch j of the next pass.
+    * ``step_shared``: samples shared by the ``accum`` micro-batches of one optimizer step (mean over pairs);
+    * ``pass_shared``: samples shared by batch j of one pass and batch j of the next (a pass is
+      ``pass_batches`` micro-batches of the rank; with several DataLoader workers also a pass of one worker,
+      ``pass_batches x workers`` apart: the larger of the two means).
     A sample is known by its tokens."""
-    first = next(loader)
-    b = first[0].shape[0]
-    per_pass = max(1, share // b)
-    n = max(passes * per_pass, accum)
-    rows = [first[0]] + [next(loader)[0] for _ in range(n - 1)]
+    lags = sorted({pass_batches, pass_batches * workers})
+    n = lags[-1] + pass_batches
+    rows = [next(loader)[0] for _ in range(n)]
+    b = rows[0].shape[0]
     sets = [{r.numpy().tobytes() for r in t} for t in rows]
     step = [len(sets[s + i] & sets[s + j]) for s in range(0, n - accum + 1, accum)
             for i in range(accum) for j in range(i + 1, accum)]
-    between = [len(sets[j] & sets[j + per_pass]) for j in range(n - per_pass)]
-    return {"step_shared": float(np.mean(step)), "pass_shared": float(np.mean(between)) if between else None,
-            "random_shared": b * b / share, "micro_batch": b, "share": share, "accum": accum,
-            "batches_per_pass": per_pass}
+    between = max(np.mean([len(sets[j] & sets[j + lag]) for j in range(n - lag)]) for lag in lags)
+    return {"step_shared": float(np.mean(step)), "pass_shared": float(between), "random_shared": b * b / population,
+            "micro_batch": b, "population": population, "pass_batches": pass_batches, "workers": workers,
+            "accum": accum}
 
 
 @torch.no_grad()
