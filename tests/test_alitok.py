@@ -247,7 +247,8 @@ def test_convert_checks_the_released_alitok_layout(tmp_path, capsys):
 
 def test_full_size_parity_with_the_official_code(tmp_path):
     """Random weights in the released layout (saved as a plain .pth, as AliTok.pth is), converted to safetensors
-    and loaded strictly; fp32 CPU; golden tensors from the official code (tests/make_alitok_goldens.py)."""
+    (checked against the released 456-key layout) and loaded strictly; fp32 CPU; golden tensors from the official
+    code (tests/make_alitok_goldens.py)."""
     import json
 
     import numpy as np
@@ -276,9 +277,7 @@ def test_full_size_parity_with_the_official_code(tmp_path):
     assert torch.equal(ids, torch.from_numpy(gold["parity_ids"]).long())  # prefix first, grid in raster order
     decoded = torch.from_numpy(gold["parity_decoded_u16"].astype(np.float64) / 65535)
     tol = 1e-4 + 0.5 / 65535  # the golden is stored on a 16-bit grid
-    assert (tok.decode_unclamped(ids[:1])[0].double() - decoded).abs().max() < tol
-    assert (tok.decode(ids[:1])[0].double() - decoded.clamp(0, 1)).abs().max() < tol
-    # The .pth itself loads strictly through the safe loader too, to the same tensors.
-    cfg.weights = str(pth)
-    from_pth = build_tokenizer(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(from_pth.state_dict().values(), tok.state_dict().values()))
+    raw = tok.decode_unclamped(ids[:1])[0].double()  # decode() is this clamped (tested above on the tiny config)
+    assert (raw - decoded).abs().max() < tol and (raw.clamp(0, 1) - decoded.clamp(0, 1)).abs().max() < tol
+    # (The converter read the .pth through the safe loader and checked it strictly against the released layout;
+    # build_tokenizer on a .pth itself is tested with the tiny config above.)
