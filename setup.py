@@ -14,6 +14,7 @@ setup(
         "deepspeed>=0.16",
         "webdataset>=1.0,<2",  # writer + tar parsing of the token shards (tested with 1.0.2)
         "braceexpand",  # data.shards patterns
+        "einops",  # the AliTok tokenizer
         "psutil",
         "pyyaml",
         "safetensors>=0.4",

@@ -127,11 +127,9 @@ def rank_range(n: int, rank: int, world: int) -> tuple:
 
 
 def check_manifest(m: dict, mpath: str, model_cfg: ModelConfig) -> None:
-    """The manifest's token layout and classes fit the model (before any shard is read)."""
-    for key, want in (("codebook_size", model_cfg.codebook_size), ("num_tokens", model_cfg.num_tokens)):
-        if m.get(key) != want:
-            raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
-                              "(tokenized with another tokenizer/resolution?)")
+    """The manifest's token layout (shards.check_manifest: tokenizer, codebook, sequence length) and classes fit
+    the model, before any shard is read."""
+    S.check_manifest(m, mpath, model_cfg)
     classes = [int(c) for c in m.get("class_histogram", {})]
     if classes and not 0 <= min(classes) <= max(classes) < model_cfg.num_classes:
         raise ConfigError(f"token shards {mpath}: class indices {min(classes)}..{max(classes)} are outside "
