@@ -149,6 +149,9 @@ class JsonlSource:
         st = os.stat(self.path)
         return f"jsonl:{st.st_size}:{len(self.offsets)}"
 
+    def close(self) -> None:
+        """Nothing stays open: every read opens the file."""
+
     def image_ids(self) -> np.ndarray:
         return np.arange(self.num_samples, dtype=np.int64)  # a line is one image (its view is unknown)
 

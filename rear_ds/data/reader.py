@@ -166,6 +166,11 @@ class ShardSource:
     def files(self) -> list:
         return [(f.path, e["name"], e["samples"]) for f, e in zip(self.shards, self.entries)]
 
+    def close(self) -> None:
+        """Closes the shards' descriptors in this process (they reopen when read again)."""
+        for f in self.shards:
+            f.close()
+
     def fingerprint(self) -> str:
         return hashlib.sha256("".join(e["sha256"] for e in self.entries).encode()).hexdigest()[:16]
 
@@ -471,6 +476,7 @@ class TrainLoader:
 
     def close(self) -> None:
         self._it = None  # shuts the DataLoader workers down
+        self.source.close()
 
     # -- resume ---------------------------------------------------------------------------------
     def _layout(self) -> dict:
