@@ -264,7 +264,8 @@ class _Fetcher:
             try:
                 got = self._read(f, a, int(pos[run[-1]]) - a + 1)
             except _Skip:
-                self.counts["unreadable_skips"] += len(run)
+                if self.catalog.names[f] not in self.bad:  # (samples of corrupt shards are not counted again)
+                    self.counts["unreadable_skips"] += len(run)
                 got = None
             if got is not None:
                 for k in run:
