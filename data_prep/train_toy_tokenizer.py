@@ -1,6 +1,6 @@
 """Train (or reuse) the small "toy_vq" tokenizer on the toy dataset and report its held-out PSNR.
 
-    python data_prep/train_toy_tokenizer.py --data runs/demo/data/toy --out runs/demo/tokenizer \
+    python data_prep/train_toy_tokenizer.py --data runs/demo/data/toy --out runs/demo/tokenizer \\
         [--config configs/toy.yaml]
 
 Writes <out>/toy_vq.safetensors and <out>/toy_vq.json (cache key, PSNR on the val split, codebook

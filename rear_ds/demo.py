@@ -23,15 +23,17 @@ output). A second run reuses the dataset, tokenizer, classifier, shards and the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+
+from rear_ds import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "toy.yaml")
@@ -44,8 +46,19 @@ GOLDEN_FILE = os.path.join(ROOT, "tests", "golden", "toy_losses.json")
 GOLDEN = {"per_class_train": 12, "per_class_val": 2, "steps": 30, "micro_batch_size": 8}
 
 
+# A training log line "... INFO step 10/600 | eta 3m05s | loss 4.9500 | ..." (rear_ds.training.metrics).
+PROGRESS = re.compile(r"\bstep (\d+)/(\d+) \| eta ")
+PROGRESS_KEYS = ("eta", "loss", "samples_per_s", "mfu")
+
+
 class StageError(RuntimeError):
     pass
+
+
+def shorten_progress(line: str) -> str:
+    """The step, ETA, loss, samples/s and MFU of a trainer log line."""
+    fields = line[PROGRESS.search(line).start():].strip().split(" | ")
+    return " | ".join(fields[:1] + [f for f in fields[1:] if f.split(" ")[0] in PROGRESS_KEYS])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +99,8 @@ class Runner:
                 tail = (tail + [line])[-40:]
                 if self.verbose:
                     sys.stdout.write("    " + line)
+                elif PROGRESS.search(line):  # the trainer's step lines, live: a stage can take minutes
+                    print("    " + shorten_progress(line), flush=True)
             rc = proc.wait()
         if rc not in ok_codes:
             raise StageError(f"stage {name!r} failed with exit code {rc}; last lines of {log_path}:\n"
@@ -482,10 +497,10 @@ def golden_record(recs: list) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__, "python -m rear_ds.demo", "rear-demo")
     p.add_argument("--out", default=None, help="run folder (default runs/demo, or runs/golden with --golden)")
     p.add_argument("--fast", action="store_true", help="half the training steps: a quicker look that does not reach the 0.8 class consistency")
-    p.add_argument("--samples-per-class", type=int, default=20)
+    p.add_argument("--samples-per-class", type=int, default=20, help="samples per class to generate and score")
     p.add_argument("--golden", action="store_true", help="run the shortened deterministic regression run "
                    "and compare its per-step losses with tests/golden/toy_losses.json")
     p.add_argument("--regenerate", action="store_true", help="with --golden: overwrite the golden file")

@@ -1,6 +1,6 @@
 """Score a samples folder: ``python -m rear_ds.evaluate``.
 
-    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \
+    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights /models/weights-inception-2015-12-05-6726825d.pth --out eval/L_g10
 
 1. Gathers the chunk files written by ``rear_ds.sample`` and checks that every index 0..N-1 is present
@@ -35,6 +35,7 @@ import zipfile
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
 
 ADM_NPZ = "samples_adm.npz"
@@ -81,8 +82,7 @@ class AdmNpzWriter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.evaluate", "rear-evaluate")
     p.add_argument("--samples", required=True, help="folder written by `python -m rear_ds.sample`")
     p.add_argument("--reference", required=True,
                    help="ADM reference batch .npz, ref_stats .npz, folder of images, or token-shard folder")
@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    p.add_argument("--is-splits", type=int, default=10)
-    p.add_argument("--prc-k", type=int, default=3)
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size k")
     p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p
 
 

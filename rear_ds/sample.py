@@ -1,6 +1,6 @@
 """Generate N class-balanced samples into resumable chunk files: ``python -m rear_ds.sample``.
 
-    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \
+    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \\
         [--num-samples 50000] [--chunk-size 500] [--batch-size 50] [--guidance-scale 10 ...]
 
 Checkpoints
@@ -49,6 +49,7 @@ from typing import Optional
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.weights import weights_sha256
 
@@ -302,8 +303,7 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.sample", "rear-sample")
     p.add_argument("--checkpoint", required=True,
                    help="exported .safetensors, DeepSpeed run/checkpoints/tag folder, or released weights")
     p.add_argument("--config", default=None, help="config YAML (required for released weights)")
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     g.add_argument("--batch-size", type=int, default=None, help="samples per forward (CFG doubles it)")
     g.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p

@@ -1,0 +1,28 @@
+"""What every rear_ds command line shares: help that keeps the usage examples as written and shows defaults.
+
+Each command is both ``python -m rear_ds.<module>`` (or a script path) and, after ``pip install -e .``, an
+installed command (``rear-sample``, ... in pyproject.toml); its usage line names the one it was started as.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description keeps its line breaks (usage examples with their ``\\`` continuations); options show
+    their defaults, except where there is nothing to show (None, off flags) or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(doc: str, prog: str, command: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    """An ArgumentParser with :class:`HelpFormatter`, ``doc`` as its description, and ``command`` as its name when
+    started as that installed command (else ``prog``, e.g. "python -m rear_ds.sample")."""
+    started_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return argparse.ArgumentParser(prog=command if command and started_as == command else prog, description=doc,
+                                   epilog=epilog or None, formatter_class=HelpFormatter)
