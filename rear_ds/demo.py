@@ -34,6 +34,7 @@ import sys
 import time
 
 from rear_ds import cli
+from rear_ds.data.shards import write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "toy.yaml")
@@ -424,8 +425,7 @@ def run_demo(args) -> dict:
                         "log": os.path.join(paths["train"], "log.jsonl"),
                         "checkpoints": os.path.join(paths["train"], "checkpoints"), "model": model_path,
                         "grid": grid, "metrics": os.path.join(paths["out"], "metrics.json"), "stage_logs": r.logs}
-    with open(os.path.join(paths["out"], "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json_atomic(os.path.join(paths["out"], "metrics.json"), metrics, sort_keys=False)
     print_summary(metrics, r)
     return metrics
 
@@ -498,7 +498,8 @@ def golden_record(recs: list) -> dict:
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__, "python -m rear_ds.demo", "rear-demo")
-    p.add_argument("--out", default=None, help="run folder (default runs/demo, or runs/golden with --golden)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo in the current directory; "
+                   "--golden: runs/golden in the checkout)")
     p.add_argument("--fast", action="store_true", help="half the training steps: a quicker look that does not reach the 0.8 class consistency")
     p.add_argument("--samples-per-class", type=int, default=20, help="samples per class to generate and score")
     p.add_argument("--golden", action="store_true", help="run the shortened deterministic regression run "
@@ -507,6 +508,9 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="echo every stage's output")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for training")
     args = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(ROOT, "data_prep")):  # a wheel install has the package only
+        p.error(f"the demo runs the repository's scripts (data_prep/, configs/), which are not beside {ROOT}: "
+                "install from a checkout with `pip install -e .`")
     try:
         if args.golden:
             recs = run_golden(args.out or os.path.join(ROOT, "runs", "golden"), args.verbose)
@@ -522,7 +526,7 @@ def main(argv=None) -> int:
             problems = compare(new, GOLDEN_FILE)
             print("[demo] golden run matches" if not problems else "[demo] golden run differs:\n  " + "\n  ".join(problems))
             return 1 if problems else 0
-        args.out = args.out or os.path.join(ROOT, "runs", "demo_fast" if args.fast else "demo")
+        args.out = args.out or os.path.join("runs", "demo_fast" if args.fast else "demo")  # from where it is started
         run_demo(args)
         return 0
     except StageError as e:

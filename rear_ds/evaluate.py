@@ -14,7 +14,8 @@
    Reference: an ADM reference batch .npz (its stored mu/sigma for FID, its arr_0 images for P/R), a
    ``ref_stats`` .npz, a folder of images, or a token-shard set decoded with the tokenizer (--config).
 4. Writes ``<out>/results.json`` (checkpoint, sampling settings, N, reference, evaluator, metrics,
-   accounting) and ``<out>/samples_grid.png``.
+   accounting) and ``<out>/samples_grid.png``; with ``--wandb-run RUN_DIR`` also logs the metrics to that
+   training run's W&B run (``eval/*`` against ``train/step``; offline unless an API key is configured).
 
 torch-fidelity's Inception is a port of the TF graph ADM uses, but its numbers are not bit-identical to the
 ADM evaluator's; against ADM's stored mu/sigma the FID mixes the two. Report ADM-evaluator numbers for
@@ -32,6 +33,7 @@ import argparse
 import json
 import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 
@@ -101,7 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--wandb-run", default=None, metavar="RUN_DIR",
+                   help="also log the metrics (eval/*, against train/step) to the W&B run of this training run folder "
+                   "(train.out_dir): its run id, project and mode; offline unless an API key is configured, "
+                   "WANDB_MODE=offline|disabled honoured. Run it when the training is not writing to that run")
     return p
+
+
+def checkpoint_step(weights_file: str) -> Optional[int]:
+    """The training step an exported checkpoint was taken at (its "step" metadata), None when unknown."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_file, "pt") as f:
+            return int((f.metadata() or {}).get("step", ""))
+    except (OSError, ValueError, SafetensorError):  # released weights, a .bin, a file moved since sampling
+        return None
 
 
 def main(argv=None) -> int:
@@ -123,8 +140,6 @@ def main(argv=None) -> int:
 
 
 def evaluate(args) -> dict:
-    from tqdm import tqdm
-
     from rear_ds.evaluation.chunks import gather_chunks, iter_images
     from rear_ds.evaluation.grid import save_grid
     from rear_ds.evaluation.inception import InceptionFeatures, resolve_inception_weights
@@ -132,9 +147,11 @@ def evaluate(args) -> dict:
     from rear_ds.evaluation.references import open_reference
     from rear_ds.evaluation.stats import fid_from_features, inception_score, precision_recall
     from rear_ds.sample import read_manifest
+    from rear_ds.training.metrics import log_to_wandb_run, wandb_run_of
 
     t_start = time.time()
     resolve_inception_weights(args.inception_weights)  # fail before any heavy work
+    wandb_init = wandb_run_of(args.wandb_run) if args.wandb_run else None
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
@@ -145,8 +162,7 @@ def evaluate(args) -> dict:
     pools, logits, grid, counted = [], [], [], 0
     class_counts = np.zeros(C, dtype=np.int64)
     try:
-        with tqdm(total=N, unit="img", desc="inception (samples)", mininterval=1.0 if sys.stderr.isatty()
-                  else 30.0) as bar:
+        with cli.progress(N, "inception (samples)") as bar:
             for images, labels in iter_images(gathered.files, batch_size=args.batch_size):
                 if adm is not None:
                     adm.write(images)
@@ -181,7 +197,8 @@ def evaluate(args) -> dict:
     size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
     ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
                          device=str(extractor.device), with_images=not args.no_prc)
-    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size)
+    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size,
+                                     progress=True)
 
     metrics = {"fid": fid_from_features(pools, ref_stats["mu"], ref_stats["sigma"])}
     metrics["inception_score_mean"], metrics["inception_score_std"] = inception_score(logits, args.is_splits)
@@ -221,11 +238,16 @@ def evaluate(args) -> dict:
         "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),
                     "grid": os.path.abspath(os.path.join(args.out, GRID))},
         "notes": notes,
+        "wandb": {k: wandb_init[k] for k in ("id", "project", "mode")} if wandb_init else None,
         "seconds": round(time.time() - t_start, 2),
     }
     save_grid(np.stack(grid), results["outputs"]["grid"], nrow=8)
     write_json_atomic(os.path.join(args.out, RESULTS), results, sort_keys=False)
     print(json.dumps(metrics, indent=1))
+    if wandb_init:
+        where = log_to_wandb_run(wandb_init, dict(metrics, num_samples=N),
+                                 checkpoint_step(manifest["checkpoint"]["weights_file"]), "eval")
+        print(f"rear_ds.evaluate: logged to {where}", file=sys.stderr)
     return results
 
 

@@ -348,7 +348,6 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
@@ -417,9 +416,7 @@ def run(args) -> int:
         model = load_generator(ckpt.weights, cfg.model, device=device)
         tokenizer = build_tokenizer(cfg.tokenizer, load_weights=True, device=device)
         n_todo = sum(chunk_range(k, cs, N)[1] - chunk_range(k, cs, N)[0] for k in todo)
-        bar = tqdm(total=n_todo, unit="img", desc=f"sample w{worker.index}/{worker.count}",
-                   disable=args.no_progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                   dynamic_ncols=True)
+        bar = cli.progress(n_todo, f"sample w{worker.index}/{worker.count}", disable=args.no_progress)
         try:
             for k in todo:
                 start, stop = chunk_range(k, cs, N)
@@ -435,9 +432,7 @@ def run(args) -> int:
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["images_generated"] / max(stats["seconds"], 1e-9), 3)
     log_path = os.path.join(out_dir, "logs", f"worker_{worker.index:04d}_of_{worker.count:04d}.json")
-    with open(log_path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(log_path + ".tmp", log_path)
+    write_json_atomic(log_path, stats, sort_keys=False)
     print(f"rear_ds.sample: worker {worker.index} done: wrote {stats['chunks_written']} chunks "
           f"({stats['images_generated']} images, {stats['images_per_s']} img/s), skipped {skipped}",
           file=sys.stderr)

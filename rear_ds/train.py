@@ -31,6 +31,7 @@ import torch
 
 from rear_ds import cli
 from rear_ds.config import ConfigError, config_json, load_config, save_config
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.training import ds_config as dsc
 from rear_ds.training import launch_env, preflight, signals
 
@@ -150,10 +151,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
         load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if rank == 0:
-        dsc_path = os.path.join(t.out_dir, "ds_config.json")
-        with open(dsc_path, "w") as f:
-            import json
-            json.dump(ds_cfg, f, indent=2)
+        write_json_atomic(os.path.join(t.out_dir, "ds_config.json"), ds_cfg, sort_keys=False)
 
     # 3. Model, optimizer, schedule. Same init on every rank; then per-rank streams for dropout.
     stage = dsc.zero_stage(ds_cfg)

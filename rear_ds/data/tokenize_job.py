@@ -299,7 +299,7 @@ class TokenizeJob:
         return self.summary()
 
     def _process(self, work: list, flat: list) -> None:
-        from tqdm import tqdm
+        from rear_ds import cli
 
         a = self.args
         ds = _DecodeSet([it for _, _, it in flat], self.settings["preprocessing"]["image_size"], a.views, a.min_size)
@@ -307,8 +307,7 @@ class TokenizeJob:
                                              prefetch_factor=4 if a.workers else None)
         shard_iter = iter(work)
         builder = None
-        bar = tqdm(total=len(flat), unit="img", desc=f"rank {self.rank}", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        bar = cli.progress(len(flat), f"rank {self.rank}")
         try:
             for chunk in loader:
                 for pos, views, reason in chunk:

@@ -10,7 +10,6 @@ The output .npz holds mu, sigma (FID), features (precision/recall, unless --no-f
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
@@ -33,13 +32,15 @@ def reference_statistics(ref: Reference, extractor: InceptionFeatures, need_feat
         out["num_images"] = int(ref.features.shape[0])
     need_compute = (out["mu"] is None and out["features"] is None) or (need_features and out["features"] is None)
     if need_compute and ref.has_images:
-        feats, t0 = [], time.time()
-        for batch in ref.iter_images(batch_size):
-            feats.append(extractor(batch)[0].astype(np.float32))
-            if progress:
-                n = sum(f.shape[0] for f in feats)
-                print(f"reference features: {n} images, {n / max(time.time() - t0, 1e-9):.1f} img/s",
-                      file=sys.stderr, flush=True)
+        feats = []
+        # Known up front for stored images and image folders; a token-shard set is counted as it is decoded.
+        total = len(ref.images) if ref.images is not None else len(ref.files) if ref.kind == "image_folder" else None
+        if ref.limit:
+            total = min(total, ref.limit) if total is not None else ref.limit
+        with cli.progress(total, "inception (reference)", disable=not progress) as bar:
+            for batch in ref.iter_images(batch_size):
+                feats.append(extractor(batch)[0].astype(np.float32))
+                bar.update(batch.shape[0])
         if not feats:
             raise ValueError(f"reference {ref.path!r} yielded no images")
         out["features"] = np.concatenate(feats)

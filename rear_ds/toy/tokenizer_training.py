@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from rear_ds.config import TokenizerConfig
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.tokenizers import build_tokenizer
 from rear_ds.models.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from rear_ds.models.weights import save_safetensors
@@ -278,7 +279,4 @@ def ensure_tokenizer(cfg: TokenizerConfig, data_root: str, out_dir: str, tcfg: V
 
 
 def _write_report(out_dir: str, report: dict) -> None:
-    tmp = os.path.join(out_dir, REPORT_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, REPORT_NAME))
+    write_json_atomic(os.path.join(out_dir, REPORT_NAME), report, sort_keys=False)

@@ -71,6 +71,51 @@ def wandb_mode(cfg_mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def wandb_run_of(run_dir: str) -> dict:
+    """``wandb.init`` arguments that continue the W&B run of the training run in ``run_dir``: its run id (the
+    ``wandb_id`` file), project and mode (config.yaml's wandb section, chosen as for training: WANDB_MODE wins,
+    offline without an API key). ValueError when the folder has no W&B run."""
+    import yaml
+
+    from rear_ds.config import WandbConfig
+
+    id_file = os.path.join(run_dir, "wandb_id")
+    if not os.path.isfile(id_file):
+        raise ValueError(f"{run_dir!r} has no wandb_id file: not a training run folder (train.out_dir), or "
+                         f"its training ran with wandb.enabled=false")
+    cfg_path, section = os.path.join(run_dir, "config.yaml"), {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            section = (yaml.safe_load(f) or {}).get("wandb") or {}
+    defaults = WandbConfig()
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    return {"project": section.get("project", defaults.project), "id": run_id, "resume": "allow",
+            "mode": wandb_mode(section.get("mode", defaults.mode)), "dir": run_dir}
+
+
+def log_to_wandb_run(init: dict, values: dict, step: Optional[int], prefix: str) -> str:
+    """Log ``values`` as ``<prefix>/<key>`` to the run ``init`` names (see :func:`wandb_run_of`), against the
+    training step (``train/step``) when it is known. W&B takes one writer per run at a time: call this when
+    the training run is not writing. Returns where the values went, for the log."""
+    import wandb
+
+    run = wandb.init(**init)
+    try:
+        values = {f"{prefix}/{k}": v for k, v in values.items()}
+        if step is not None:  # (W&B would fill an unknown step with the last one it saw)
+            run.define_metric("train/step")
+            run.define_metric(f"{prefix}/*", step_metric="train/step")
+            values["train/step"] = step
+        run.log(values)
+    finally:
+        run.finish()
+        # finish() can return before W&B's service has written the run (wandb 0.31, offline: the first run of a
+        # process had only its file header on disk); teardown waits for it.
+        wandb.teardown()
+    return f"W&B run {init['id']} of project {init['project']} ({init['mode']} mode, files under {init['dir']})"
+
+
 class RunLogger:
     """Rank 0 only (other ranks get a RunLogger with enabled=False that does nothing)."""
 
