@@ -9,7 +9,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from rear_ds.config import ModelConfig, ObjectiveConfig, OptimConfig
-from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
+from rear_ds.models import build_generator, count_parameters, flops_per_sample
 from rear_ds.objective import ReARObjective
 from rear_ds.training.optim import build_optimizer, param_groups
 
@@ -35,10 +35,11 @@ class StepRunner:
                  ckpt: str = "off", seed: int = 0, compile_blocks: bool = False):
         torch.manual_seed(seed)
         self.impl, self.cfg, self.batch, self.device, self.precision = impl, cfg, batch, device, precision
-        self.ocfg = ObjectiveConfig()  # full loss: noisy context, encode + decode alignment, class dropout
+        # full loss: noisy context, encode + decode alignment, class dropout
+        self.ocfg = ObjectiveConfig().resolve(OptimConfig().total_steps)
         if impl == "rear":
             with torch.device(device):  # initialise on the device (fast for the big sizes on a GPU)
-                self.model = ReARGenerator(cfg)
+                self.model = build_generator(cfg)
             self.model.set_activation_checkpointing(ckpt)
             if compile_blocks:
                 for i, blk in enumerate(self.model.blocks):

@@ -49,7 +49,7 @@ def test_eager_reference_matches_the_model_and_loss():
     noisy = tokens.clone()
     noisy[0, 3] = (noisy[0, 3] + 1) % cfg.codebook_size
     mask, drop = noisy != tokens, torch.tensor([True, False, False])
-    ocfg = ObjectiveConfig()
+    ocfg = ObjectiveConfig(anneal_end=187_500)
     ref, _ = ReARObjective(ocfg, cfg)(gen, tokens, labels, codebook, 0, noisy_tokens=noisy, noise_mask=mask, drop=drop)
     got = eager_loss(eager, ocfg, tokens, labels, codebook, 1.0, noisy_tokens=noisy, noise_mask=mask, drop=drop)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
