@@ -100,3 +100,10 @@ def official_config(model_cfg, optim_cfg=None, guidance=(16.0, 1.8)) -> Config:
 def copy_weights(official, ours) -> None:
     """Load our model's weights into the official model (the state-dict names are the same)."""
     official.load_state_dict(ours.inference_state_dict(), strict=True)
+
+
+def build_official(model_cfg, path: Optional[str] = None) -> tuple:
+    """(official ARModel, its ARLoss) for the shape of ``model_cfg``."""
+    off = import_official(path)
+    cfg = official_config(model_cfg)
+    return off.ar.ARModel(cfg), off.losses.ARLoss(cfg)
