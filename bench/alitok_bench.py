@@ -7,7 +7,6 @@ one the rows that need it are recorded as skipped with the reason.
 from __future__ import annotations
 
 import dataclasses
-import gc
 
 import torch
 
@@ -15,6 +14,7 @@ from rear_ds.config import ModelConfig, ObjectiveConfig, OptimConfig, SamplingCo
 from rear_ds.models import build_generator
 from rear_ds.sampling import generate
 
+from .common import release
 from .official_alitok import build_official, repo_path, why_missing
 from .train_step import StepRunner, interleave, ratios
 
@@ -47,9 +47,7 @@ def bench_step_vs_official(size: str, cfg: ModelConfig, batch: int, device: torc
            "alitok_rear_over_official": ratios(times, "alitok_rear", "official"),
            "fwd_bwd_alitok_over_official": ratios(times, "alitok_fwd_bwd", "official_fwd_bwd")}
     del runners
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 
@@ -79,5 +77,5 @@ def bench_sampling_vs_official(size: str, cfg: ModelConfig, batch: int, device: 
            "images_per_s": {n: batch / sorted(v)[len(v) // 2] for n, v in times.items()},
            "alitok_over_official": ratios(times, "alitok", "official")}
     del ours, official
-    gc.collect()
+    release(device)
     return out

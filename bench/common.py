@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -42,6 +43,13 @@ def measured_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -
 
     t = time_fn(gemms, device, warmup=1, repeats=3)
     return 2 * n ** 3 * iters / t["median_s"] / 1e12
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left (Python garbage, then the CUDA caching allocator's blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:
@@ -170,13 +178,10 @@ def size_config(name: str) -> ModelConfig:
     if name == "tiny_256":  # quick-mode stand-in for s_w256: 256 tokens, tiny width
         return _cfg(hidden_size=64, depth=2, num_heads=4, mlp_dim=256, align_proj_dim=64,
                     encode_align_layer=0, decode_align_layer=1)
-    if name in ("s", "b", "l"):  # the shipped configs are the source of truth
+    if name in ("s", "b", "l", "alitok_b"):  # the shipped configs are the source of truth
         from rear_ds.config import load_config
-        return load_config(os.path.join(REPO, "configs", f"rear_{name}.yaml")).model
-    if name == "alitok_b":  # the model section only: its tokenizer section names the AliTok tokenizer
-        import yaml
-        with open(os.path.join(REPO, "configs", "rear_b_alitok.yaml")) as f:
-            return _cfg(**yaml.safe_load(f)["model"])
+        stem = "rear_b_alitok" if name == "alitok_b" else f"rear_{name}"
+        return load_config(os.path.join(REPO, "configs", f"{stem}.yaml")).model
     alitok = dict(family="alitok", num_tokens=273, prefix_tokens=17, tok_dropout=0.1, encode_align_layer=0)
     if name == "alitok_b_d4":
         return _cfg(**alitok, hidden_size=768, depth=4, num_heads=16, mlp_dim=2048, codebook_size=4096,

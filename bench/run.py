@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import shlex
@@ -30,7 +29,7 @@ import torch
 from rear_ds.backends import enable_fast_kernels
 from rear_ds.data.shards import write_json_atomic
 
-from .common import REPO, machine_info, pick_device, size_config
+from .common import REPO, machine_info, pick_device, release, size_config
 
 SECTIONS = ("train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile", "alitok")
 SCHEMA = "rear_ds.bench/1"
@@ -122,9 +121,7 @@ class RowGuard:
             self.errors.append({"row": label, "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()[-3000:]})
             self.log(f"{label} FAILED: {type(e).__name__}: {e}")
-            gc.collect()
-            if self.dev.type == "cuda":
-                torch.cuda.empty_cache()
+            release(self.dev)
 
 
 def sec_train(plan, dev, log):

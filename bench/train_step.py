@@ -14,7 +14,7 @@ from rear_ds.models import build_generator, count_parameters, flops_per_sample
 from rear_ds.objective import ReARObjective
 from rear_ds.training.optim import build_optimizer, param_groups
 
-from .common import autocast, peak_tflops, sync, time_fn
+from .common import autocast, peak_tflops, release, sync, time_fn
 from .eager_reference import EagerReAR, eager_loss
 
 
@@ -125,9 +125,7 @@ def bench_train(impl: str, size: str, cfg: ModelConfig, batch: int, device: torc
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     del r
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 
@@ -171,9 +169,7 @@ def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.dev
            "ckpt_time_overhead": ratios(times, "rear_ckpt_all", "rear", minus=1.0),
            "fwd_bwd_rear_over_eager": ratios(times, "rear_fwd_bwd", "eager_fwd_bwd")}
     del runners
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 

@@ -20,11 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def family_config(name: str) -> ModelConfig:
-    """The model section of configs/<name>.yaml."""
-    with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
-        cfg = ModelConfig(**yaml.safe_load(f)["model"])
-    cfg.validate()
-    return cfg
+    from rear_ds.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model
 
 
 def small_config(**kw) -> ModelConfig:
@@ -82,6 +80,14 @@ def test_released_sizes_and_state_dict_layout(name, D, depth, ffn, params, keys)
     assert {k: tuple(v.shape) for k, v in sd.items()} == want
     if name == "rear_b_alitok":  # spec 3.3: + 2 x 5,836,832 for the 3-layer SiLU heads
         assert count_parameters(cfg, include_align=True) == params + 2 * 5_836_832
+
+
+def test_model_info_prints_the_family(capsys):
+    from rear_ds.model_info import main
+
+    main([os.path.join(ROOT, "configs", "rear_b_alitok.yaml")])
+    out = capsys.readouterr().out
+    assert "family                      alitok" in out and "177.0M (177,048,064)" in out and "L=274" in out
 
 
 @pytest.mark.parametrize("name,low,high", [("rear_1p5b_alitok", 1.4e9, 1.6e9), ("rear_3b_alitok", 2.8e9, 3.3e9)])
@@ -229,8 +235,11 @@ def test_bad_family_configs_are_refused():
         AliTokGenerator.norm_layer_for(TrainConfig(apex_layernorm="always"))
     from rear_ds.config import load_config
 
+    tiny = os.path.join(ROOT, "configs", "tiny_alitok.yaml")
+    with pytest.raises(ConfigError, match="model.prefix_tokens=11 disagrees with the tokenizer 4 prefix"):
+        load_config(tiny, ["model.prefix_tokens=11"])  # 11 + a 3x3 grid: also 20 tokens, another RoPE layout
     with pytest.raises(ConfigError, match="objective.perturb_prefix=False .* no effect: model.prefix_tokens=0"):
-        load_config(os.path.join(ROOT, "configs", "tiny_alitok.yaml"), ["objective.perturb_prefix=false"])
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["objective.perturb_prefix=false"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ processes, gloo), with configs/tiny_alitok.yaml and the reAR regularizers on:
   export -> load_generator -> rear_ds.sample -> rear_ds.evaluate;
   plus one ZeRO-2 bf16_autocast run with every block checkpointed (fp32 weights in the checkpoint).
 
-Four launches. The AliTok tokenizer is not in this tree yet: the tiny config's toy_vq tokenizer stands in (random
-weights; its codebook gives the alignment targets and it decodes the samples).
+Three launches. The tokenizer is the tiny AliTok one (4 prefix tokens + a 4x4 grid) with random weights: its
+codebook gives the alignment targets and it decodes the samples.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def overrides(out: str, data: str, *extra: str) -> list:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return th.write_jsonl(str(tmp_path_factory.mktemp("alitok_data") / "data.jsonl"), num_tokens=16, k=64)
+    return th.write_jsonl(str(tmp_path_factory.mktemp("alitok_data") / "data.jsonl"), num_tokens=20, k=64)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_zero3_run_trains_the_family_with_the_regularizers(reference):
     assert last < first - 0.2
     assert curve[1]["ce"] == pytest.approx(np.log(64), abs=1e-3)  # the zero-initialised output head
     for key in ("enc_align", "dec_align"):  # both terms are on and fall (toward -1)
-        assert curve[1][key] != 0 and curve[STEPS][key] < curve[1][key] - 0.05, [curve[s][key] for s in curve]
+        vals = [curve[s][key] for s in sorted(curve)]
+        assert vals[0] != 0 and sum(vals[-3:]) / 3 < sum(vals[:3]) / 3 - 0.02, (key, vals)
     # noisy context: rho falls from 1 to 0 at the derived anneal end, 0.75 x optim.total_steps (40) = 30
     assert all(curve[s]["rho"] == pytest.approx(1 - (s - 1) / 30) for s in curve)
     assert sum(curve[s]["noise_frac"] for s in curve) > 0
