@@ -108,6 +108,7 @@ def test_recipe_in_the_configs():
         assert (o["lr"], o["end_lr"], o["betas"], o["weight_decay"], o["warmup_steps"], o["total_steps"]) == (
             4e-4, 1e-5, [0.9, 0.96], 0.03, 62_500, total)
         assert y["train"]["global_batch"] == 2048 and y["train"]["micro_batch_size"] == micro
+        assert y["data"] == {"views": "one_per_image", "order": "epoch"}
         s = y["sampling"]
         assert (s["guidance_scale"], s["guidance_power"], s["temperature"]) == (*cfg_, 1.0)
         assert "unpublished" in text and "anneal_end" not in y.get("objective", {})
