@@ -1,7 +1,7 @@
 """reAR-AliTok rows: rear_ds's alitok family against the OFFICIAL AliTok AR code (training step and KV-cache
 sampling, same shape, batch and weights, one process), and its activation-checkpoint memory.
 
-The official code comes from a local checkout (bench/official_alitok.py: --alitok-repo or $ALITOK_REPO); without
+The official code comes from a local checkout (bench/official_alitok.py: $ALITOK_REPO); without
 one the rows that need it are recorded as skipped with the reason.
 """
 from __future__ import annotations

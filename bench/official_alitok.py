@@ -2,7 +2,7 @@
 parity goldens (tests/make_alitok_ar_goldens.py) and the benchmark rows that race it.
 
 The repository has no license: it is never copied into this project. Check it out OUTSIDE the project and say
-where it is with --alitok-repo or $ALITOK_REPO, e.g.
+where it is with $ALITOK_REPO (the golden script also takes --alitok), e.g.
 
     git clone https://github.com/ali-vilab/alitok /tmp/alitok && git -C /tmp/alitok checkout 093e957
     ALITOK_REPO=/tmp/alitok python -m bench.run --only alitok
@@ -43,7 +43,7 @@ def repo_path(path: Optional[str] = None) -> Optional[str]:
 def why_missing(path: Optional[str] = None) -> str:
     given = path or os.environ.get(ENV, "")
     if not given:
-        return (f"no checkout of the official AliTok code: set ${ENV} (or --alitok-repo) to a checkout of "
+        return (f"no checkout of the official AliTok code: set ${ENV} to a checkout of "
                 f"github.com/ali-vilab/alitok at {OFFICIAL_COMMIT}, outside this project")
     return f"{given!r} is not a checkout of ali-vilab/alitok (no modeling/ar.py there)"
 

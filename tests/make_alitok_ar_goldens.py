@@ -1,7 +1,7 @@
 """Make tests/golden/alitok_ar_parity.safetensors by running the OFFICIAL AliTok AR code (run once, by hand).
 
     git clone https://github.com/ali-vilab/alitok /tmp/alitok && git -C /tmp/alitok checkout 093e957
-    python tests/make_alitok_ar_goldens.py --alitok-repo /tmp/alitok
+    python tests/make_alitok_ar_goldens.py --alitok /tmp/alitok
 
 The checkout must stay OUTSIDE this project (the repository has no license; its code is never copied here). The
 model shape, weights and batch come from tests/alitok_parity.py (weights from a fixed numpy stream, so only the
@@ -36,10 +36,10 @@ from bench.official_alitok import OFFICIAL_COMMIT, import_official, official_con
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--alitok-repo", default=None, help="checkout of ali-vilab/alitok at 093e957 (or $ALITOK_REPO)")
+    ap.add_argument("--alitok", default=None, help="checkout of ali-vilab/alitok at 093e957 (default: $ALITOK_REPO)")
     ap.add_argument("--out", default=os.path.join(ROOT, P.GOLDEN))
     args = ap.parse_args(argv)
-    off = import_official(args.alitok_repo, train_utils=True)
+    off = import_official(args.alitok, train_utils=True)
     head = subprocess.run(["git", "-C", off.root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     commit = head.stdout.strip() or "unknown (not a git checkout)"
     if not commit.startswith(OFFICIAL_COMMIT):
