@@ -128,21 +128,71 @@ class ObjectiveConfig:
 
 
 @dataclass
+class AliTokArchConfig:
+    """Architecture of the AliTok family (alitok.md section 1): a ViT encoder over [patches, learned latent tokens]
+    and a ViT decoder with register tokens. Defaults are the released AliTok.pth; tiny test configs shrink them."""
+
+    patch_size: int = 16
+    prefix_tokens: int = 17  # latent tokens before the grid ones: 17 + 16x16 = 273 tokens per image
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 1024
+    decoder_depth: int = 24
+    decoder_heads: int = 16
+    decoder_registers: int = 32
+
+    def validate(self, prefix: str) -> None:
+        _positive(self, prefix, "patch_size", "encoder_width", "encoder_depth", "encoder_heads", "decoder_width",
+                  "decoder_depth", "decoder_heads")
+        for key in ("prefix_tokens", "decoder_registers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 0")
+        for part in ("encoder", "decoder"):
+            w, h = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+            if w % h:
+                raise ConfigError(f"{prefix}.{part}_width={w} must be divisible by {prefix}.{part}_heads={h}")
+
+
+def token_layout(prefix_tokens: int, grid) -> str:
+    """How one image's tokens are laid out, for messages: "grid 16x16=256" or "17 prefix + 16x16 grid = 273 tokens"."""
+    h, w = grid
+    if not prefix_tokens:
+        return f"grid {h}x{w}={h * w}"
+    return f"{prefix_tokens} prefix + {h}x{w} grid = {prefix_tokens + h * w} tokens"
+
+
+# tokenizer.name -> family. A family is one implementation (rear_ds/models/tokenizers/<family>.py) and decides
+# which architecture keys apply and how the tokens of one image are laid out.
+TOKENIZER_FAMILIES = {"maskgit_vqgan": "maskgit_vqgan", "toy_vq": "maskgit_vqgan", "alitok": "alitok"}
+_MASKGIT_KEYS = ("base_channels", "channel_mult", "num_res_blocks")
+
+
+@dataclass
 class TokenizerConfig:
     """The frozen VQ tokenizer. ``name`` selects the implementation in rear_ds.models.tokenizers."""
 
-    name: str = "maskgit_vqgan"  # "maskgit_vqgan" or "toy_vq"
-    weights: str = ""  # path to .bin (torch state dict) or .safetensors; "" = not available
+    name: str = "maskgit_vqgan"  # "maskgit_vqgan", "toy_vq" (a small MaskGIT-VQGAN) or "alitok"
+    weights: str = ""  # path to .bin/.pth (torch state dict) or .safetensors; "" = not available
     image_size: int = 256
-    # Architecture knobs (MaskGIT-VQGAN f16 defaults; the toy tokenizer uses smaller ones).
+    codebook_size: int = 1024  # AliTok: 4096
+    embed_dim: int = 256  # size of one codebook vector; AliTok: 32
+    # MaskGIT-VQGAN architecture knobs (f16 defaults; the toy tokenizer uses smaller ones).
     base_channels: int = 128
     channel_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2
-    codebook_size: int = 1024
-    embed_dim: int = 256
+    # AliTok architecture knobs (used when name is "alitok").
+    alitok: AliTokArchConfig = field(default_factory=AliTokArchConfig)
+
+    @property
+    def family(self) -> str:
+        return TOKENIZER_FAMILIES[self.name]
 
     @property
     def downsample(self) -> int:
+        """Pixels per grid token along one side."""
+        if self.family == "alitok":
+            return self.alitok.patch_size
         return 2 ** (len(self.channel_mult) - 1)
 
     @property
@@ -150,13 +200,32 @@ class TokenizerConfig:
         g = self.image_size // self.downsample
         return (g, g)
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the raster grid in an image's sequence (0 for a plain grid tokenizer)."""
+        return self.alitok.prefix_tokens if self.family == "alitok" else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
+
+    def architecture(self) -> dict:
+        """The keys that define this tokenizer's weights and tokens (those of its family; no weights path)."""
+        keys = ["name", "image_size", "codebook_size", "embed_dim"]
+        keys += ["alitok"] if self.family == "alitok" else list(_MASKGIT_KEYS)
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                for k, v in ((k, getattr(self, k)) for k in keys)}
+
     def validate(self, prefix: str = "tokenizer") -> None:
-        if self.name not in ("maskgit_vqgan", "toy_vq"):
-            raise ConfigError(f"{prefix}.name={self.name!r}: expected 'maskgit_vqgan' or 'toy_vq'")
+        if self.name not in TOKENIZER_FAMILIES:
+            raise ConfigError(f"{prefix}.name={self.name!r}: expected one of {sorted(TOKENIZER_FAMILIES)}")
         _positive(self, prefix, "image_size", "base_channels", "num_res_blocks", "codebook_size", "embed_dim")
+        if self.family == "alitok":
+            self.alitok.validate(f"{prefix}.alitok")
         if self.image_size % self.downsample:
+            where = f"{prefix}.alitok.patch_size" if self.family == "alitok" else f"{prefix}.channel_mult"
             raise ConfigError(f"{prefix}.image_size={self.image_size} must be divisible by the "
-                              f"downsampling factor {self.downsample} (from {prefix}.channel_mult)")
+                              f"downsampling factor {self.downsample} (from {where})")
 
 
 @dataclass
@@ -328,10 +397,10 @@ class Config:
         if m.codebook_size != t.codebook_size:
             raise ConfigError(f"model.codebook_size={m.codebook_size} disagrees with "
                               f"tokenizer.codebook_size={t.codebook_size}")
-        gh, gw = t.grid
-        if m.num_tokens != gh * gw:
-            raise ConfigError(f"model.num_tokens={m.num_tokens} disagrees with the tokenizer grid "
-                              f"{gh}x{gw}={gh * gw} (tokenizer.image_size={t.image_size})")
+        if m.num_tokens != t.num_tokens:
+            raise ConfigError(f"model.num_tokens={m.num_tokens} disagrees with the tokenizer "
+                              f"{token_layout(t.prefix_tokens, t.grid)} (tokenizer.name={t.name}, "
+                              f"tokenizer.image_size={t.image_size})")
         if (self.objective.encode_align or self.objective.decode_align) and m.align_z_dim != t.embed_dim:
             raise ConfigError(f"model.align_z_dim={m.align_z_dim} disagrees with "
                               f"tokenizer.embed_dim={t.embed_dim} (the alignment targets are codebook vectors)")
@@ -382,7 +451,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {name}")
 
 
-def _apply(obj: Any, data: dict, prefix: str) -> None:
+def apply_section(obj: Any, data: dict, prefix: str) -> None:
+    """Set ``data``'s values on the dataclass ``obj`` (nested sections recursively), checking names and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(type(obj))
@@ -395,7 +465,7 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
             raise ConfigError(f"unknown config key {full!r}{hint} (known: {', '.join(names)})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, full)
+            apply_section(current, value, full)
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -434,18 +504,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         try:
-            _apply(cfg, data, "")
+            apply_section(cfg, data, "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides or []:
         keys, value = parse_override(text)
-        _apply(cfg, _nest(keys, value), "")
+        apply_section(cfg, _nest(keys, value), "")
     return cfg.validate(need_data=need_data)
 
 
 def config_from_dict(data: dict, need_data: bool = False) -> Config:
     cfg = Config()
-    _apply(cfg, data, "")
+    apply_section(cfg, data, "")
     return cfg.validate(need_data=need_data)
 
 

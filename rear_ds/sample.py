@@ -219,7 +219,7 @@ def build_manifest(ckpt: Checkpoint, ckpt_sha: str, tok_sha: str, settings, num_
     """The run description. ``fingerprint`` hashes everything that changes the images (not batch size)."""
     cfg = ckpt.cfg
     sampling = dataclasses.asdict(settings)
-    tokenizer = {k: v for k, v in dataclasses.asdict(cfg.tokenizer).items() if k != "weights"}
+    tokenizer = cfg.tokenizer.architecture()  # not the weights path: tokenizer_sha256 identifies the weights
     identity = {"checkpoint_sha256": ckpt_sha, "tokenizer_sha256": tok_sha, "model": dataclasses.asdict(cfg.model),
                 "tokenizer": tokenizer, "sampling": {k: v for k, v in sampling.items() if k != "batch_size"},
                 "num_samples": num_samples, "chunk_size": chunk_size}

@@ -67,10 +67,7 @@ class ShardSource:
         self.manifest = S.load_manifest(folder)
         mpath = os.path.join(folder, S.MANIFEST)
         m = self.manifest
-        for key, want in (("codebook_size", model_cfg.codebook_size), ("num_tokens", model_cfg.num_tokens)):
-            if m.get(key) != want:
-                raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
-                                  "(tokenized with another tokenizer/resolution?)")
+        S.check_manifest(m, mpath, model_cfg)
         classes = [int(c) for c in m.get("class_histogram", {})]
         if classes and not 0 <= min(classes) <= max(classes) < model_cfg.num_classes:
             raise ConfigError(f"token shards {mpath}: class indices {min(classes)}..{max(classes)} are outside "

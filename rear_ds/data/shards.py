@@ -2,7 +2,8 @@
 
 One sample per view of one image, four members named ``<key>.<ext>``:
 
-    <key>.tokens.npy  uint16 array of the token grid shape (h, w), raster order, written by np.save
+    <key>.tokens.npy  uint16 array of the tokenizer's token_shape, written by np.save: the grid (h, w) in raster
+                      order, or (N,) for a tokenizer with prefix tokens (AliTok: 17 prefix + 16x16 = (273,))
     <key>.cls         class index as decimal text
     <key>.view        view id as decimal text (index into manifest["preprocessing"]["view_names"])
     <key>.src         the source image's id as text (relative path, or "<input shard>:<key>")
@@ -23,6 +24,8 @@ import tarfile
 from typing import Iterator, Optional
 
 import numpy as np
+
+from rear_ds.config import TOKENIZER_FAMILIES, ConfigError, token_layout
 
 FORMAT = "rear_ds.tokens/v1"
 MANIFEST = "manifest.json"
@@ -46,9 +49,9 @@ def sample_key(image_index: int, view: int) -> str:
     return f"{image_index:09d}_{view}"
 
 
-def sample_bytes(grid: tuple) -> int:
-    """Exact tar bytes of one sample (4 headers + padded data; src/cls/view are < 512 bytes)."""
-    npy = 128 + 2 * grid[0] * grid[1]
+def sample_bytes(num_tokens: int) -> int:
+    """Exact tar bytes of one sample of ``num_tokens`` tokens (4 headers + padded data; src/cls/view are < 512 bytes)."""
+    npy = 128 + 2 * num_tokens
     return 4 * 512 + -(-npy // 512) * 512 + 3 * 512
 
 
@@ -210,3 +213,42 @@ def merge_counts(into: dict, counts: dict) -> dict:
     for k, v in counts.items():
         into[str(k)] = into.get(str(k), 0) + int(v)
     return into
+
+
+def describe_tokenizer(manifest: dict) -> str:
+    """"tokenizer alitok (17 prefix + 16x16 grid = 273 tokens, codebook 4096)", from a manifest."""
+    tok = manifest.get("tokenizer") or {}
+    grid = tok.get("grid") or manifest.get("grid")
+    layout = token_layout(tok.get("prefix_tokens", 0), grid) if grid else f"{manifest.get('num_tokens')} tokens"
+    return f"tokenizer {tok.get('name', '?')} ({layout}, codebook {manifest.get('codebook_size')})"
+
+
+def check_manifest(manifest: dict, where: str, model_cfg=None, tokenizer_cfg=None) -> None:
+    """Refuse token shards the given model / tokenizer config cannot use, before any compute, with a
+    ConfigError that names the tokenizer the shards were made with. The trainer's preflight calls it with
+    both configs, the reader with the model config. Older manifests lack ``family``/``prefix_tokens``: the
+    family then follows from the tokenizer name and the prefix is 0."""
+    tok = manifest.get("tokenizer") or {}
+    made = f"token shards {where} (made with {describe_tokenizer(manifest)})"
+    if tokenizer_cfg is not None:
+        family = tok.get("family") or TOKENIZER_FAMILIES.get(tok.get("name"))
+        if family and family != tokenizer_cfg.family:
+            raise ConfigError(f"{made} are {family} tokens, but tokenizer.name={tokenizer_cfg.name} is of the "
+                              f"{tokenizer_cfg.family} family: tokenize the images with this tokenizer, or "
+                              f"train with the tokenizer config the shards were made with")
+    if model_cfg is not None:
+        for key in ("codebook_size", "num_tokens"):
+            if manifest.get(key) is not None and manifest[key] != getattr(model_cfg, key):
+                raise ConfigError(f"{made}: {key}={manifest[key]} disagrees with model.{key}="
+                                  f"{getattr(model_cfg, key)} (tokenized with another tokenizer or resolution?)")
+    if tokenizer_cfg is not None:
+        tc = tokenizer_cfg
+        if tok.get("codebook_size") is not None and tok["codebook_size"] != tc.codebook_size:
+            raise ConfigError(f"{made}: made by a tokenizer with codebook_size={tok['codebook_size']}, but "
+                              f"tokenizer.codebook_size={tc.codebook_size}")
+        if tok.get("grid") is not None and list(tok["grid"]) != list(tc.grid):
+            raise ConfigError(f"{made}: token grid {list(tok['grid'])}, but the tokenizer config gives "
+                              f"{list(tc.grid)} (tokenizer.image_size={tc.image_size}, the downsampling factor)")
+        if tok.get("prefix_tokens", 0) != tc.prefix_tokens:
+            raise ConfigError(f"{made}: {tok.get('prefix_tokens', 0)} prefix tokens, but the tokenizer config "
+                              f"gives {tc.prefix_tokens} (tokenizer.alitok.prefix_tokens)")

@@ -17,7 +17,6 @@ the one that matches the file.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from rear_ds.config import ConfigError, TokenizerConfig
+from rear_ds.config import ConfigError, TokenizerConfig, apply_section
 from . import shards as S
 from .preprocess import (IMAGE_FORMATS, MAX_ASPECT_RATIO, TEN_CROP_RATIO, VIEW_MODES, load_image, make_views,
                          to_float_batch)
@@ -79,11 +78,10 @@ def tokenizer_config(config_path: str = "", weights: str = "", image_size: int =
             raise JobError(f"--config {config_path!r} does not exist")
         with open(config_path) as f:
             section = (yaml.safe_load(f) or {}).get("tokenizer", {}) or {}
-        names = {f.name for f in dataclasses.fields(TokenizerConfig)}
-        for key, value in section.items():
-            if key not in names:
-                raise JobError(f"{config_path}: unknown key tokenizer.{key} (known: {', '.join(sorted(names))})")
-            setattr(cfg, key, value)
+        try:  # the config loader's own checks: unknown keys, types, the nested tokenizer.alitok section
+            apply_section(cfg, section, "tokenizer")
+        except ConfigError as e:
+            raise JobError(f"{config_path}: {e}") from None
     if weights:
         cfg.weights = weights
     if image_size:
@@ -136,12 +134,13 @@ def load_tokenizer(cfg: TokenizerConfig, device: str):
 
 def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_size: int) -> dict:
     """Everything that determines the token values; an output folder must agree on all of it."""
-    tcfg = dataclasses.asdict(cfg)
-    tcfg.pop("weights")  # the path may differ between machines; the sha256 identifies the weights
+    # The weights path may differ between machines; the sha256 identifies the weights.
     return {
         "format": S.FORMAT,
-        "tokenizer": {"name": cfg.name, "codebook_size": int(tok.codebook_size), "grid": list(tok.grid),
-                      "embed_dim": int(tok.embed_dim), "weights_sha256": weights_sha, "config": tcfg},
+        "tokenizer": {"name": cfg.name, "family": cfg.family, "codebook_size": int(tok.codebook_size),
+                      "grid": list(tok.grid), "prefix_tokens": int(tok.prefix_tokens),
+                      "num_tokens": int(tok.num_tokens), "token_shape": list(tok.token_shape),
+                      "embed_dim": int(tok.embed_dim), "weights_sha256": weights_sha, "config": cfg.architecture()},
         "preprocessing": {"crop": "adm_center_crop", "image_size": cfg.image_size, "views": views,
                           "view_names": VIEW_MODES[views], "ten_crop_ratio": TEN_CROP_RATIO,
                           "rgb": "PIL convert('RGB')", "min_size": min_size, "value_range": [0, 1],
@@ -496,7 +495,8 @@ def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = N
     tok = first["tokenizer"]
     manifest = {
         "format": S.FORMAT, "tokenizer": tok, "preprocessing": first["preprocessing"],
-        "codebook_size": tok["codebook_size"], "grid": tok["grid"], "num_tokens": tok["grid"][0] * tok["grid"][1],
+        "codebook_size": tok["codebook_size"], "grid": tok["grid"], "prefix_tokens": tok["prefix_tokens"],
+        "num_tokens": tok["num_tokens"],
         "dtype": "uint16", "source": plan["source"], "classes": plan.get("classes", []),
         "num_classes": plan["num_classes"],
         "shard_plan": {k: plan[k] for k in ("images_per_shard", "num_shards", "shuffle_seed")},
@@ -554,7 +554,7 @@ def run(args) -> dict:
         perm = np.random.default_rng(args.shuffle_seed).permutation(len(items))
         items = [items[i] for i in perm]
     nviews = len(VIEW_MODES[args.views])
-    ips = args.images_per_shard or max(1, int(args.shard_size_mb * 2**20 // (S.sample_bytes(tok.grid) * nviews)))
+    ips = args.images_per_shard or max(1, int(args.shard_size_mb * 2**20 // (S.sample_bytes(tok.num_tokens) * nviews)))
     plan = {"images_per_shard": ips, "num_shards": -(-len(items) // ips), "shuffle_seed": args.shuffle_seed,
             "source": listing.describe(), "classes": listing.classes, "empty_class_folders": listing.empty_classes,
             "num_classes": num_classes}

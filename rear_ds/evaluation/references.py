@@ -116,7 +116,7 @@ class Reference:
             raise ValueError(f"token-shard reference {self.path!r} needs the tokenizer: pass --config "
                              f"(its tokenizer section, with tokenizer.weights) ")
         tokenizer = build_tokenizer(self.tokenizer_cfg, load_weights=True, device=self.device)
-        grid = tuple(tokenizer.grid)
+        shape = tuple(tokenizer.token_shape)
         remaining = self.limit or None
         batch = []
 
@@ -127,9 +127,9 @@ class Reference:
 
         for shard in self.files:
             for sample in iter_shard(shard):
-                if tuple(sample["tokens"].shape) != grid:
-                    raise ValueError(f"shard {shard} sample {sample['key']}: token grid {sample['tokens'].shape} "
-                                     f"!= tokenizer grid {grid} (wrong --config?)")
+                if tuple(sample["tokens"].shape) != shape:
+                    raise ValueError(f"shard {shard} sample {sample['key']}: tokens of shape {sample['tokens'].shape} "
+                                     f"!= the tokenizer's {shape} ({tokenizer.layout}; wrong --config?)")
                 batch.append(sample["tokens"])
                 if len(batch) == batch_size:
                     yield flush()

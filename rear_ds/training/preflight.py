@@ -31,8 +31,9 @@ def check_paths(cfg: Config) -> None:
 
 
 def check_data(cfg: Config) -> None:
-    """The token shards' manifest agrees with the model and the tokenizer (codebook size, grid, sequence length,
-    the tokenizer weights' sha256 when the manifest records it). Reads manifest.json only, no shard."""
+    """The token shards' manifest agrees with the model and the tokenizer (family, codebook size, token layout,
+    sequence length: shards.check_manifest; the tokenizer weights' sha256 when the manifest records it).
+    Reads manifest.json only, no shard."""
     from rear_ds.data import shards as S
 
     d = cfg.data
@@ -44,18 +45,8 @@ def check_data(cfg: Config) -> None:
         m = S.load_manifest(folder)
     except S.ShardError as e:
         raise ConfigError(f"data.shards={d.shards!r}: {e}") from None
-    mc, tc = cfg.model, cfg.tokenizer
-    for key, want in (("codebook_size", mc.codebook_size), ("num_tokens", mc.num_tokens)):
-        if m.get(key) is not None and m.get(key) != want:
-            raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
-                              "(tokenized with another tokenizer or resolution?)")
-    tok = m.get("tokenizer") or {}
-    if tok.get("codebook_size") is not None and tok["codebook_size"] != tc.codebook_size:
-        raise ConfigError(f"token shards {mpath}: made by a tokenizer with codebook_size={tok['codebook_size']}, "
-                          f"but tokenizer.codebook_size={tc.codebook_size}")
-    if tok.get("grid") is not None and list(tok["grid"]) != list(tc.grid):
-        raise ConfigError(f"token shards {mpath}: token grid {list(tok['grid'])}, but the tokenizer config gives "
-                          f"{list(tc.grid)} (tokenizer.image_size={tc.image_size}, tokenizer.channel_mult)")
+    S.check_manifest(m, mpath, cfg.model, cfg.tokenizer)
+    tc, tok = cfg.tokenizer, m.get("tokenizer") or {}
     sha = tok.get("weights_sha256")
     if sha and tc.weights and os.path.isfile(tc.weights):
         from rear_ds.models.tokenizers import tokenizer_weights_sha256
