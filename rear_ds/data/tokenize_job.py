@@ -17,6 +17,7 @@ the one that matches the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
