@@ -77,12 +77,12 @@ def _read_once(item: InputItem) -> bytes:
     # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses anything but a regular file
     fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"not a regular file ({_file_kind(mode)})")
-        if item.offset >= 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"not a regular file ({_file_kind(st.st_mode)})")
+        if item.offset >= 0:  # a tar member: never more than the file holds, whatever its header claims
             f.seek(item.offset)
-            return f.read(item.size)
+            return f.read(max(0, min(item.size, st.st_size - item.offset)))
         return f.read()
 
 

@@ -314,13 +314,8 @@ class TokenizeJob:
     def open_part(self) -> None:
         """Start this rank's part file (header line), or keep an existing one minus a torn last line."""
         if not os.path.isfile(self.part_path):
-            header = {**self.settings, "plan": self.plan, "rank": self.rank, "world_size": self.world}
-            tmp = self.part_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(json.dumps(header, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.part_path)
+            S.write_json_atomic(self.part_path, {**self.settings, "plan": self.plan, "rank": self.rank,
+                                                 "world_size": self.world}, indent=None)
             return
         with open(self.part_path, "rb+") as f:
             data = f.read()
