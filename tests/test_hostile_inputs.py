@@ -349,6 +349,25 @@ def test_finalize_takes_the_entry_matching_the_file_over_a_leftover_part(tok, tm
     finalize(out)  # and again: stable
 
 
+def test_scratch_folder_of_a_killed_writer_is_taken_over_and_a_live_one_refused(tmp_path):
+    """rear_ds.tmpfile: the writer is SIGKILLed holding the lock; the next one takes the folder over."""
+    from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
+
+    target = str(tmp_path / "samples_adm.npz")
+    script = ("import os, signal, sys\nfrom rear_ds.tmpfile import ClaimedTmp\n"
+              "c = ClaimedTmp(sys.argv[1])\nopen(c.tmp, 'wb').write(b'partial' * 1000)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    res = subprocess.run([sys.executable, "-c", script, target], env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert res.returncode == -9 and sorted(os.listdir(target + ".tmp")) == ["lock", "samples_adm.npz"]
+    claim = ClaimedTmp(target, wait=False)  # the lock died with its holder
+    assert os.listdir(claim.dir) == ["lock"]  # its partial file is gone
+    with pytest.raises(TmpBusyError, match="in use by another live process"):
+        ClaimedTmp(target, wait=False)  # (flock locks are per open file: a second claim in-process is refused too)
+    open(claim.tmp, "wb").write(b"done")
+    claim.commit()
+    assert os.listdir(tmp_path) == ["samples_adm.npz"] and open(target, "rb").read() == b"done"
+
+
 # ------------------------------------------------------------------------------------------------
 # The hostile folder through tokenize, training, sampling and evaluation
 # ------------------------------------------------------------------------------------------------
