@@ -42,16 +42,27 @@ def bench_reader_throughput(micro_batch_size: int, num_samples: int, batches: in
 
 
 def bench_tokenization(full_size: bool, batch: int, iters: int, device: torch.device) -> dict:
+    """Images/s of ``tokenizer.encode`` per process, MaskGIT-VQGAN and AliTok at the same batch and resolution
+    (random weights: speed only). The top-level keys are MaskGIT-VQGAN's (earlier results), ``rows`` has both."""
     from rear_ds.data.bench import bench_tokenizer
-    from rear_ds.models.tokenizers import build_tokenizer
+    from rear_ds.data.tokenize_job import tokenizer_config
+    from rear_ds.models.tokenizers import build_tokenizer, released_config
 
-    if full_size:
-        tcfg = TokenizerConfig()  # MaskGIT-VQGAN f16, 256x256, base 128, mult [1,1,2,2,4]
-    else:  # quick mode: configs/tiny.yaml's toy tokenizer
-        tcfg = TokenizerConfig(name="toy_vq", image_size=32, base_channels=32, channel_mult=[1, 1, 2, 2],
-                               num_res_blocks=1, codebook_size=64, embed_dim=16)
-    tok = build_tokenizer(tcfg, load_weights=False, device=str(device))  # random weights: speed only
-    ips = bench_tokenizer(tok, image_size=tcfg.image_size, batch_size=batch, iters=iters, device=str(device))
-    return {"images_per_s": ips, "tokenizer": tcfg.name, "image_size": tcfg.image_size, "batch": batch,
-            "iters": iters, "weights": "random (throughput only)",
-            "params": sum(p.numel() for p in tok.parameters()), "precision": "fp32"}
+    if full_size:  # the released architectures, 256x256
+        cfgs = [released_config("maskgit_vqgan"), released_config("alitok")]
+    else:  # quick mode: configs/tiny.yaml's toy tokenizer and the tiny AliTok, 32x32
+        cfgs = [TokenizerConfig(name="toy_vq", image_size=32, base_channels=32, channel_mult=[1, 1, 2, 2],
+                                num_res_blocks=1, codebook_size=64, embed_dim=16),
+                tokenizer_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer_alitok_tiny.yaml"))]
+    rows = []
+    for tcfg in cfgs:
+        with torch.device(device):  # random init where it runs (AliTok has 390M parameters)
+            tok = build_tokenizer(tcfg, load_weights=False, device=str(device))
+        ips = bench_tokenizer(tok, image_size=tcfg.image_size, batch_size=batch, iters=iters, device=str(device))
+        rows.append({"images_per_s": ips, "tokenizer": tcfg.name, "image_size": tcfg.image_size,
+                     "num_tokens": tok.num_tokens, "params": sum(p.numel() for p in tok.parameters())})
+        del tok
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    return {**rows[0], "batch": batch, "iters": iters, "weights": "random (throughput only)", "precision": "fp32",
+            "rows": rows, "alitok_vs_maskgit_x": rows[1]["images_per_s"] / rows[0]["images_per_s"]}

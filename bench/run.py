@@ -457,9 +457,12 @@ def markdown(res: dict) -> str:
         if "samples_per_s" in d:
             L.append(f"- shard reader: {_f(d['samples_per_s'], 0)} samples/s (micro-batch {d['micro_batch_size']}, "
                      f"{d['num_workers']} workers, 256-token samples, {d['helper']})")
-        if "images_per_s" in tk:
-            L.append(f"- tokenization: {_f(tk['images_per_s'], 3)} images/s ({tk['tokenizer']} {tk['image_size']}px, "
-                     f"{tk['params'] / 1e6:.1f}M params, batch {tk['batch']}, {tk['weights']}, {tk.get('precision', 'fp32')})")
+        for r in tk.get("rows", [tk] if "images_per_s" in tk else []):  # one process; encode only, in fp32
+            L.append(f"- tokenization: {_f(r['images_per_s'], 3)} images/s ({r['tokenizer']} {r['image_size']}px, "
+                     f"{r.get('num_tokens', 256)} tokens, {r['params'] / 1e6:.1f}M params, batch {tk['batch']}, "
+                     f"{tk['weights']}, {tk.get('precision', 'fp32')})")
+        if "alitok_vs_maskgit_x" in tk:
+            L.append(f"- tokenization, AliTok / MaskGIT-VQGAN at the same batch: {tk['alitok_vs_maskgit_x']:.2f}x")
     pr = S.get("profile", {})
     if pr.get("families"):
         L.append("")

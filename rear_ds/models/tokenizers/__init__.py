@@ -26,8 +26,8 @@ ALITOK_WEIGHTS_FILE = "AliTok.pth"
 # The "tokenizer weight" link of the official README (github.com/ali-vilab/alitok); Google Drive only.
 ALITOK_WEIGHTS_URL = "https://drive.google.com/file/d/1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW/view"
 
-# One class per family (config.TOKENIZER_FAMILIES); "toy_vq" is a small MaskGIT-VQGAN (no public weights).
-_IMPLEMENTATIONS = {"maskgit_vqgan": MaskGITVQGAN, "alitok": AliTok}
+# The class of each family (config.TOKENIZER_FAMILIES); "toy_vq" is a small MaskGIT-VQGAN (no public weights).
+IMPLEMENTATIONS = {"maskgit_vqgan": MaskGITVQGAN, "alitok": AliTok}
 
 
 def released_config(family: str) -> TokenizerConfig:
@@ -48,8 +48,9 @@ def _where_to_get(cfg: TokenizerConfig) -> str:
                 f"`python -m rear_ds.models.tokenizers.convert`)")
     if cfg.name == "alitok":
         return (f"download {ALITOK_WEIGHTS_FILE} (the tokenizer weight linked in the README of "
-                f"github.com/ali-vilab/alitok: {ALITOK_WEIGHTS_URL}) and set tokenizer.weights=/path/to/{ALITOK_WEIGHTS_FILE} (or to a "
-                f".safetensors copy made with `python -m rear_ds.models.tokenizers.convert --tokenizer alitok`)")
+                f"github.com/ali-vilab/alitok: {ALITOK_WEIGHTS_URL}) and set "
+                f"tokenizer.weights=/path/to/{ALITOK_WEIGHTS_FILE} (or to a .safetensors copy made with "
+                f"`python -m rear_ds.models.tokenizers.convert --tokenizer alitok`)")
     return ("the toy_vq tokenizer has no public weights: set tokenizer.weights=/path/to/toy_vq.safetensors "
             "(a state dict of a toy_vq tokenizer with this config) or build it with load_weights=False")
 
@@ -63,13 +64,13 @@ def build_tokenizer(cfg: TokenizerConfig, load_weights: bool = True, device="cpu
     if load_weights and not os.path.isfile(cfg.weights):
         raise TokenizerWeightsError(f"tokenizer weights file {cfg.weights!r} does not exist: {_where_to_get(cfg)}")
     if not load_weights:
-        return _IMPLEMENTATIONS[cfg.family](cfg).to(device).eval().requires_grad_(False)
+        return IMPLEMENTATIONS[cfg.family](cfg).to(device).eval().requires_grad_(False)
     state = read_state_dict(cfg.weights)
     with torch.device("meta"):  # no random init to throw away (AliTok: 390M parameters)
-        tokenizer = _IMPLEMENTATIONS[cfg.family](cfg)
-    tokenizer = tokenizer.to_empty(device="cpu")  # the strict load overwrites every tensor (or raises)
+        tokenizer = IMPLEMENTATIONS[cfg.family](cfg)
+    tokenizer = tokenizer.to_empty(device=device)  # the strict load overwrites every tensor (or raises)
     load_strict(tokenizer, state, what=f"tokenizer weights {cfg.weights!r}", expected=tokenizer.arch)
-    return tokenizer.to(device).eval().requires_grad_(False)
+    return tokenizer.eval().requires_grad_(False)
 
 
 def tokenizer_weights_sha256(path: str) -> str:

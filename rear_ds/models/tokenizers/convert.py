@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from rear_ds.models.tokenizers import _IMPLEMENTATIONS, released_config, tokenizer_weights_sha256
+from rear_ds.models.tokenizers import IMPLEMENTATIONS, released_config, tokenizer_weights_sha256
 from rear_ds.models.weights import WeightsError, check_state_dict, read_state_dict, save_safetensors
 
 
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="tokenizer weights (.bin/.pt/.pth state dict or .safetensors)")
     parser.add_argument("dst", help="output .safetensors path")
-    parser.add_argument("--tokenizer", default="maskgit_vqgan", choices=sorted(_IMPLEMENTATIONS),
+    parser.add_argument("--tokenizer", default="maskgit_vqgan", choices=sorted(IMPLEMENTATIONS),
                         help="whose released layout the file is checked against (default maskgit_vqgan)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the strict check against the released layout (e.g. toy weights)")
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         if not args.no_check:
             with torch.device("meta"):  # keys and shapes only: no memory for a second copy
                 cfg = released_config(args.tokenizer)
-                model = _IMPLEMENTATIONS[cfg.family](cfg)
+                model = IMPLEMENTATIONS[cfg.family](cfg)
             check_state_dict(model, state, what=f"tokenizer weights {args.src!r}", expected=model.arch)
         src_sha = tokenizer_weights_sha256(args.src)
         save_safetensors(state, args.dst, metadata={"source": os.path.basename(args.src), "source_sha256": src_sha})
