@@ -9,19 +9,19 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rear_ds", "rear_ds.*"]),
-    install_requires=[
+    install_requires=[  # what rear_ds imports (tests/test_dependencies.py checks it)
         "torch>=2.4",
-        "torchvision",  # torch-fidelity imports it
         "deepspeed>=0.16",
-        "webdataset>=0.2.86",
-        "einops",
+        "webdataset>=1.0,<2",  # writer + tar parsing of the token shards (tested with 1.0.2)
+        "braceexpand",  # data.shards patterns
+        "einops",  # the AliTok tokenizer
+        "psutil",
         "pyyaml",
         "safetensors>=0.4",
         "numpy",
         "pillow",
         "tqdm",
-        "scipy",
-        "torch-fidelity>=0.3",
+        "torch-fidelity>=0.3",  # brings torchvision and its own dependencies
         "wandb",
     ],
     extras_require={

@@ -302,6 +302,8 @@ def targets(res: dict, dev) -> dict:
         big = rows[-1]
         t["reader_vs_step"] = {"target": "shard reader >= 10x the training step's consumption",
                                "reader_samples_per_s": d["samples_per_s"],
+                               "per_order": {o: v["samples_per_s"] / big["samples_per_s"]
+                                             for o, v in d.get("orders", {}).items()},
                                "step_samples_per_s": big["samples_per_s"], "step_size": big["size"],
                                "ratio": d["samples_per_s"] / big["samples_per_s"],
                                "met": d["samples_per_s"] / big["samples_per_s"] >= 10,
@@ -373,9 +375,10 @@ def markdown(res: dict) -> str:
         L.append(f"| KV cache vs recompute, 256 tokens, CFG ({x['size']}) | {_f(x['speedup_x'], 1)}x | {x['met']} |")
     if "reader_vs_step" in T:
         x = T["reader_vs_step"]
+        per = "".join(f"; {o} order {_f(r, 0)}x" for o, r in x.get("per_order", {}).items())
         L.append(f"| shard reader vs training-step consumption ({x['step_size']}) | {_f(x['reader_samples_per_s'], 0)} vs "
                  f"{_f(x['step_samples_per_s'])} samples/s = {_f(x['ratio'], 0)}x (vs the paper's 166 img/s/GPU: "
-                 f"{_f(x['ratio_vs_paper_L_per_gpu_166'], 1)}x) | {x['met']} |")
+                 f"{_f(x['ratio_vs_paper_L_per_gpu_166'], 1)}x{per}) | {x['met']} |")
     if "mfu_l" in T:
         x = T["mfu_l"]
         how = "" if x["mfu"] is None else (" (per-block torch.compile)" if x.get("compile_blocks") else " (eager blocks)")
@@ -457,6 +460,13 @@ def markdown(res: dict) -> str:
         if "samples_per_s" in d:
             L.append(f"- shard reader: {_f(d['samples_per_s'], 0)} samples/s (micro-batch {d['micro_batch_size']}, "
                      f"{d['num_workers']} workers, 256-token samples, {d['helper']})")
+        for o, v in d.get("orders", {}).items():
+            mx = v["mixing"]
+            L.append(f"- data.order={o}: {_f(v['samples_per_s'], 0)} samples/s; mixing (one rank owning one shard of "
+                     f"{mx['population']} samples, {mx['workers']} workers, micro-batch {mx['micro_batch']}, "
+                     f"{mx['accum']} per step): samples shared by the micro-batches of a step {_f(mx['step_shared'])}, "
+                     f"by batch j of consecutive passes {_f(mx['pass_shared'])} (independent random batches: "
+                     f"{_f(mx['random_shared'])})")
         for r in tk.get("rows", [tk] if "images_per_s" in tk else []):  # one process; encode only, in fp32
             L.append(f"- tokenization: {_f(r['images_per_s'], 3)} images/s ({r['tokenizer']} {r['image_size']}px, "
                      f"{r.get('num_tokens', 256)} tokens, {r['params'] / 1e6:.1f}M params, batch {tk['batch']}, "

@@ -235,7 +235,13 @@ class DataConfig:
     shards: str = ""  # folder holding shards + manifest.json, or a brace pattern of .tar files
     jsonl: str = ""  # alternatively the reference's pretokenized JSONL
     num_workers: int = 2
-    shuffle_buffer: int = 1000
+    # "epoch": one global permutation per epoch, every item once per epoch (the reference's order); "resampled":
+    # random runs of each rank's share, with replacement (data too large to index). rear_ds/data/reader.py
+    order: str = "epoch"
+    # "all": every view (sample) is an item; "one_per_image": an item is an image and each fetch reads one of
+    # its views at random (AliTok's trainer: an epoch = one pass over the images)
+    views: str = "all"
+    shuffle_buffer: int = 16384  # resampled order: samples read and mixed per draw (512 bytes each)
     on_corrupt_shard: str = "skip"  # "skip" (warn, count, go on) or "error"
 
     def validate(self, prefix: str = "data") -> None:
@@ -246,6 +252,10 @@ class DataConfig:
             raise ConfigError(f"{prefix}.num_workers={self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"{prefix}.shuffle_buffer={self.shuffle_buffer} must be >= 1 (1 = no shuffling)")
+        if self.order not in ("epoch", "resampled"):
+            raise ConfigError(f"{prefix}.order={self.order!r}: expected 'epoch' or 'resampled'")
+        if self.views not in ("all", "one_per_image"):
+            raise ConfigError(f"{prefix}.views={self.views!r}: expected 'all' or 'one_per_image'")
         if self.on_corrupt_shard not in ("skip", "error"):
             raise ConfigError(f"{prefix}.on_corrupt_shard={self.on_corrupt_shard!r}: expected 'skip' or 'error'")
 

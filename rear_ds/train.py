@@ -175,8 +175,9 @@ def train(cfg, ds_cfg: dict, env) -> int:
     exact = mine is not None
     # An exact resume continues the saved streams, with the seed they were started from (t.seed, or
     # t.seed + k after an earlier change of process count). When they cannot be continued (another process
-    # count, data.num_workers, shards, ...), fresh data/RNG streams start from a seed that depends on the step
-    # (so no data is replayed in the same order), and the log says why.
+    # count or micro-batch, shards, data.num_workers of the resampled order, ...), the epoch order continues at
+    # its global position, other streams start from a seed that depends on the step (so no data is replayed in
+    # the same order), and the log says why.
     data_seed = mine["reader"]["layout"]["seed"] if exact else t.seed + step if resume else t.seed
     loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
     why_not_exact = None if exact or not resume else f"process count changed ({saved_world} -> {world})"
@@ -187,8 +188,11 @@ def train(cfg, ds_cfg: dict, env) -> int:
             exact, why_not_exact, data_seed = False, str(e), t.seed + step
             loader.close()
             loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
-    if why_not_exact:
-        log.warning("%s: data order and RNG streams restart from seed %d", why_not_exact, data_seed)
+    if why_not_exact:  # the epoch order continues at its global position (each sample still once per epoch)
+        why_data = loader.continue_from(client.get("data_position"))
+        log.warning("%s: %s; RNG streams restart from seed %d", why_not_exact, "data order restarts from seed "
+                    f"{data_seed} ({why_data})" if why_data else f"the data order continues at sample "
+                    f"{loader.position()['position']} of its global order", data_seed)
 
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
@@ -211,6 +215,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
         client = {"step": step, "samples_seen": samples_seen, "wandb_id": wandb_id, "world_size": world,
+                  "data_position": loader.position(),
                   "universal_checkpoint_info": {}, **ckpt.rank_state_entry(local, stage),
                   "rear_config": cfg.to_dict()}
         meta = {"world_size": world, "zero_stage": stage, "samples_seen": samples_seen}

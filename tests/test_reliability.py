@@ -35,19 +35,21 @@ TINY = os.path.join(th.ROOT, "configs", "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Token shards (8 x 64 samples) of the learnable tiny dataset, and a copy where the first shard rank 1 draws
-    (of 2 ranks, seed 42) is truncated; returns (good folder, damaged folder, damaged shard name)."""
-    from rear_ds.config import ModelConfig
+    """Token shards (8 x 64 samples) of the learnable tiny dataset, and a copy where a shard that rank 1's first
+    micro-batch reads (of 2 ranks, seed 42, micro-batch 8, epoch order) is truncated; returns (good folder,
+    damaged folder, damaged shard name)."""
+    from rear_ds.config import DataConfig, ModelConfig
     from rear_ds.data.jsonl import convert
-    from rear_ds.data.reader import ShardSource, _rng, make_units
+    from rear_ds.data.reader import _EpochOrder, build_train_loader
 
     root = tmp_path_factory.mktemp("shards")
     data = th.write_jsonl(str(root / "data.jsonl"))
     good = str(root / "good")
     convert(data, good, (4, 4), 64, samples_per_shard=64, tokenizer_name="toy_vq")
-    src = ShardSource(good, ModelConfig(codebook_size=64, num_tokens=16, num_classes=10))
-    units = make_units(src.files(), 1, 2)
-    first = units[int(_rng(42, 0, 1, 0, 0).integers(len(units)))].name
+    rank1 = build_train_loader(DataConfig(shards=good), ModelConfig(codebook_size=64, num_tokens=16, num_classes=10),
+                               1, 2, 42, 8)
+    files, _ = rank1.catalog.locate(_EpochOrder(rank1).sample_indices(0))
+    first = rank1.catalog.names[int(files[0])]
     bad = str(root / "bad")
     shutil.copytree(good, bad)
     raw = open(os.path.join(bad, first), "rb").read()
