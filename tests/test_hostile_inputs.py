@@ -5,7 +5,8 @@ symlink loops, links and a FIFO in the folder; EIO from the OS (an image that is
 whose offset 0 is unmapped); classes outside the model's range in WebDataset and JSONL inputs; a .npy saved
 under a chunk name and an .npz header claiming a petabyte; part files left by a run with another world size;
 processes killed by the kernel (SIGXFSZ at RLIMIT_FSIZE) in the middle of writing their big outputs.
-The last test runs the whole hostile folder through tokenize, one training launch, sampling and evaluation.
+The last test runs the whole hostile folder through tokenize, one training launch (with a token shard whose
+tar header claims 64 GiB), sampling and evaluation.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import glob
 import io
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -393,7 +395,8 @@ def leftovers(folder) -> list:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """3 classes x 4 good images, and: a 1 x 40,000 PNG, an EPS named .JPEG, a symlink loop, a link to a
-    folder already listed, a FIFO named .JPEG."""
+    folder already listed, a FIFO named .JPEG. (The test adds a token shard with a 64 GiB tar header for
+    training, garbage chunk files for sampling and evaluation.)"""
     root = tmp_path_factory.mktemp("hostile") / "train"
     for c in range(3):
         for i in range(4):
@@ -433,13 +436,23 @@ def test_hostile_folder_through_the_whole_pipeline(hostile, tok, fake_gs, tmp_pa
     srcs = [s["src"] for e in m["shards"] for s in iter_shard(os.path.join(shards, e["name"]))]
     assert sorted(srcs) == sorted(f"n0{c}/img{i}.JPEG" for c in range(3) for i in range(4) for _ in range(2))
     assert not fake_gs[1].exists()
+    # --- a crafted shard in the training set: 1.5 KB whose first tar header claims a 64 GiB member ---
+    from test_reader import _crafted_huge_member
+    from rear_ds.data.shards import write_json_atomic
+
+    crafted = m["shards"][-1]["name"]
+    _crafted_huge_member(pathlib.Path(shards, crafted))
+    m["shards"][-1]["bytes"] = os.path.getsize(os.path.join(shards, crafted))  # its size agrees with the manifest
+    write_json_atomic(os.path.join(shards, "manifest.json"), m)
     # --- one training launch on those shards ---
     run_dir = str(tmp_path / "run")
     res = th.run(th.command("zero2_bf16.json", [f"train.out_dir={run_dir}", f"data.shards={shards}",
                                                 f"tokenizer.weights={tok}", "data.num_workers=0", "train.max_steps=4",
                                                 "train.ckpt_every=4", "train.log_every=1"]), timeout=400)
     assert res.returncode == 0, res.output[-5000:]
-    assert sorted(th.losses(run_dir)) == [1, 2, 3, 4]
+    curve = th.losses(run_dir)
+    assert sorted(curve) == [1, 2, 3, 4] and curve[4]["corrupt_shards_skipped"] == 1
+    assert f"skipping corrupt token shard {crafted}" in res.output
     # --- sampling from the run folder: garbage where chunk 0 goes, an absurd chunk outside the range ---
     samples = str(tmp_path / "samples")
     os.makedirs(samples)
