@@ -89,12 +89,14 @@ def tar_bytes(payload: int) -> int:
     return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
 
 
-def write_json_atomic(path: str, data: dict, sort_keys: bool = True, default=None) -> None:
+def write_json_atomic(path: str, data: dict, sort_keys: bool = True, default=None, indent: Optional[int] = 1) -> None:
     """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half.
-    ``default`` is json.dump's hook for values JSON has no type for."""
+    ``default`` is json.dump's hook for values JSON has no type for; ``indent=None`` writes one line (and
+    the file ends with a newline either way, so a JSON-lines file can start with it)."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique across hosts on a shared filesystem
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=sort_keys, default=default)
+        json.dump(data, f, indent=indent, sort_keys=sort_keys, default=default)
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
