@@ -349,7 +349,7 @@ def run(args) -> int:
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
                                            num_chunks, remove_stale_tmp, write_chunk)
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
     from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
 
     worker = detect_worker(args.task_id, args.num_tasks)
