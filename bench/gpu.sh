@@ -30,6 +30,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 QUICK=()
 [ "${BENCH_QUICK:-0}" = "1" ] && QUICK=(--quick)
+# BENCH_ONLY=alitok,tokenize runs only those sections of the benchmark (a follow-up run in a short GPU lease).
+[ -n "${BENCH_ONLY:-}" ] && QUICK+=(--only "$BENCH_ONLY")
 STAMP="$(date +%F)"
 # 1. The trainer itself on the GPU (deepspeed launcher, compile, resume, autocast, ZeRO-3): about 1-2 min.
 smoke_rc=0
