@@ -3,7 +3,8 @@
 # (bench/gpu_smoke.py: compile + resume, bf16_autocast, ZeRO-3; GPU_SMOKE=0 skips it), then the benchmark:
 # reAR-S/B/L training step (bf16, full reAR loss, with and without activation checkpointing, per-block
 # torch.compile for L, the eager reference for L), activation memory, KV-cache sampling, reader and
-# tokenizer throughput, a CUDA profile. Both fit in 8 minutes on one H200: the benchmark
+# tokenizer throughput, a CUDA profile, reAR-B-AliTok vs the official AliTok code (set ALITOK_REPO to a checkout
+# of ali-vilab/alitok at 093e957, else those rows are skipped with the reason). Both fit in 8 minutes on one H200: the benchmark
 # gets what the smoke left of 465 s (sections that would start later are recorded as skipped).
 #
 # On a lent GPU machine (see ../shared/docs/gpu.md): first, here, `bash ../shared/tools/device_wheels.sh`
@@ -29,6 +30,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 QUICK=()
 [ "${BENCH_QUICK:-0}" = "1" ] && QUICK=(--quick)
+# BENCH_ONLY=alitok,tokenize runs only those sections of the benchmark (a follow-up run in a short GPU lease).
+[ -n "${BENCH_ONLY:-}" ] && QUICK+=(--only "$BENCH_ONLY")
 STAMP="$(date +%F)"
 # 1. The trainer itself on the GPU (deepspeed launcher, compile, resume, autocast, ZeRO-3): about 1-2 min.
 smoke_rc=0

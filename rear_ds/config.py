@@ -29,8 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The reAR generator (method spec section 2). Defaults are reAR-L's shape."""
+    """The generator. Defaults are reAR-L's shape. ``family`` picks the architecture from the registry in
+    rear_ds/models/__init__.py: "rear" (the adaLN reAR transformer, method spec section 2) or "alitok" (AliTok's
+    LlamaGen-style decoder with RoPE, alitok spec section 2)."""
 
+    family: str = "rear"
     hidden_size: int = 1024
     depth: int = 24
     num_heads: int = 16
@@ -40,6 +43,10 @@ class ModelConfig:
     num_tokens: int = 256  # N: image tokens per sample (16x16 grid)
     dropout: float = 0.1  # projection and MLP dropout
     attn_dropout: float = 0.1  # attention-probability dropout
+    # alitok family only: element-wise dropout on the input embeddings, and the tokens before the image grid
+    # (AliTok: 17 1-D prefix tokens, then a square grid; RoPE is 1-D over the prefix, 2-D over the grid)
+    tok_dropout: float = 0.0
+    prefix_tokens: int = 0
     # Training-only alignment heads (spec 3.3). Their sizes are part of the checkpoint layout.
     align_proj_dim: int = 2048
     align_z_dim: int = 256  # must equal the tokenizer's codebook vector size
@@ -73,15 +80,23 @@ class ModelConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.num_tokens + 2  # [cls, class, t_0 .. t_{N-1}]
+        """Positions of a training sequence: the family's context positions ([cls, class] for rear, [class] for
+        alitok) + the N image tokens."""
+        from rear_ds.models import generator_class
+
+        return self.num_tokens + generator_class(self).CONTEXT_POSITIONS
 
     def validate(self, prefix: str = "model") -> None:
+        from rear_ds.models import GENERATORS
+
+        if self.family not in GENERATORS:
+            raise ConfigError(f"{prefix}.family={self.family!r}: expected one of {', '.join(map(repr, GENERATORS))}")
         _positive(self, prefix, "hidden_size", "depth", "num_heads", "mlp_dim", "codebook_size",
                   "num_classes", "num_tokens", "align_proj_dim", "align_z_dim")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{prefix}.hidden_size={self.hidden_size} must be divisible by "
                               f"{prefix}.num_heads={self.num_heads}")
-        for key in ("dropout", "attn_dropout"):
+        for key in ("dropout", "attn_dropout", "tok_dropout"):
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{prefix}.{key}={v} must be in [0, 1)")
@@ -99,6 +114,10 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.align_head_layers={self.align_head_layers} must be >= 1")
         if self.align_head_act not in ("silu", "gelu"):
             raise ConfigError(f"{prefix}.align_head_act={self.align_head_act!r}: expected 'silu' or 'gelu'")
+        if not 0 <= self.prefix_tokens < self.num_tokens:
+            raise ConfigError(f"{prefix}.prefix_tokens={self.prefix_tokens} must be in [0, {prefix}.num_tokens="
+                              f"{self.num_tokens})")
+        GENERATORS[self.family].check_config(self, prefix)
 
 
 @dataclass
@@ -108,16 +127,33 @@ class ObjectiveConfig:
     noisy_context: bool = True  # noisy-context perturbation of the input tokens
     perturb_mode: str = "switch"  # "switch": uniform random codebook id; "mask": the [MASK] id
     anneal_start: int = 0  # optimizer step where rho starts to fall from 1
-    anneal_end: int = 187_500  # optimizer step where rho reaches 0
+    # optimizer step where rho reaches 0; unset = 0.75 x optim.total_steps (the paper's f(t) = max(0, 1 - 4t/3):
+    # 187,500 for reAR's 250k steps, 375,000 for AliTok's 500k), filled in by Config.validate
+    anneal_end: Optional[int] = None
     encode_align: bool = True
     decode_align: bool = True
     align_weight: float = 1.0  # lambda
     mask_encode_at_perturbed: bool = True  # the released code masks the encode term there
     class_dropout: float = 0.1  # probability of replacing the class by the null class
+    # Whether the model's prefix tokens (model.prefix_tokens: AliTok's 17) are perturbed and aligned like the grid
+    # tokens (alitok spec 3.2, a reconstruction); false drops them (ablation). No effect without prefix tokens.
+    perturb_prefix: bool = True
+    align_prefix: bool = True
+
+    ANNEAL_END_FRACTION = 0.75  # of optim.total_steps, when anneal_end is unset
+
+    def resolve(self, total_steps: int) -> "ObjectiveConfig":
+        """Fill in the derived anneal end (see ``anneal_end``)."""
+        if self.anneal_end is None:
+            self.anneal_end = round(self.ANNEAL_END_FRACTION * total_steps)
+        return self
 
     def validate(self, prefix: str = "objective") -> None:
         if self.perturb_mode not in ("switch", "mask"):
             raise ConfigError(f"{prefix}.perturb_mode={self.perturb_mode!r}: expected 'switch' or 'mask'")
+        if self.anneal_end is None:
+            raise ConfigError(f"{prefix}.anneal_end is unset: call {prefix}.resolve(optim.total_steps) first "
+                              "(load_config does)")
         if self.anneal_start < 0 or self.anneal_end <= self.anneal_start:
             raise ConfigError(f"{prefix}.anneal_end={self.anneal_end} must be > "
                               f"{prefix}.anneal_start={self.anneal_start} >= 0")
@@ -306,7 +342,7 @@ class TrainConfig:
     sample_every: int = 0  # 0 = never; else a PNG grid every N steps (needs the tokenizer decoder)
     sample_classes: list = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
     compile: bool = False  # per-block torch.compile (GPU only)
-    # apex's FusedLayerNorm in the blocks (rear_ds.training.build.choose_layernorm): "auto" uses it when apex is
+    # apex's FusedLayerNorm in the blocks (rear_ds.models.generator.choose_layernorm): "auto" uses it when apex is
     # installed and the run has 16-bit weights (bf16, fp16) and no compile; "always" requires it; "never" skips
     # it (not on/off: YAML reads those as booleans)
     apex_layernorm: str = "auto"
@@ -400,7 +436,7 @@ class Config:
 
     def validate(self, need_data: bool = False) -> "Config":
         self.model.validate()
-        self.objective.validate()
+        self.objective.resolve(self.optim.total_steps).validate()
         self.tokenizer.validate()
         self.optim.validate()
         self.train.validate()
@@ -408,6 +444,9 @@ class Config:
         if need_data:
             self.data.validate()
         m, t = self.model, self.tokenizer
+        from rear_ds.models import generator_class
+
+        generator_class(m).norm_layer_for(self.train)  # e.g. apex's LayerNorm required by a family without one
         if m.codebook_size != t.codebook_size:
             raise ConfigError(f"model.codebook_size={m.codebook_size} disagrees with "
                               f"tokenizer.codebook_size={t.codebook_size}")
@@ -415,6 +454,13 @@ class Config:
             raise ConfigError(f"model.num_tokens={m.num_tokens} disagrees with the tokenizer "
                               f"{token_layout(t.prefix_tokens, t.grid)} (tokenizer.name={t.name}, "
                               f"tokenizer.image_size={t.image_size})")
+        if m.prefix_tokens and m.prefix_tokens != t.prefix_tokens:  # the model's RoPE layout is the tokens'
+            raise ConfigError(f"model.prefix_tokens={m.prefix_tokens} disagrees with the tokenizer "
+                              f"{token_layout(t.prefix_tokens, t.grid)} (tokenizer.name={t.name})")
+        o = self.objective
+        if (not o.perturb_prefix or not o.align_prefix) and m.prefix_tokens == 0:
+            raise ConfigError(f"objective.perturb_prefix={o.perturb_prefix} / objective.align_prefix="
+                              f"{o.align_prefix} have no effect: model.prefix_tokens=0 (the model has no prefix)")
         if (self.objective.encode_align or self.objective.decode_align) and m.align_z_dim != t.embed_dim:
             raise ConfigError(f"model.align_z_dim={m.align_z_dim} disagrees with "
                               f"tokenizer.embed_dim={t.embed_dim} (the alignment targets are codebook vectors)")

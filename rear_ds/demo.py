@@ -277,11 +277,11 @@ def write_untrained(path: str, cfg, seed: int = 0) -> None:
     """A randomly initialised generator in the exported layout (same metadata as rear_ds.export)."""
     import torch
 
-    from rear_ds.models.generator import ReARGenerator
+    from rear_ds.models import build_generator
     from rear_ds.models.weights import save_safetensors
 
     torch.manual_seed(seed)
-    model = ReARGenerator(cfg.model, with_align_heads=False)
+    model = build_generator(cfg.model, with_align_heads=False)
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path,
                      metadata={"rear_config": json.dumps(cfg.to_dict(), sort_keys=True), "step": "0",
                                "dtype": "fp32", "source": f"random init, torch.manual_seed({seed})"})

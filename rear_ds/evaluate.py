@@ -39,6 +39,7 @@ import numpy as np
 
 from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
 
 ADM_NPZ = "samples_adm.npz"
 RESULTS = "results.json"
@@ -46,13 +47,16 @@ GRID = "samples_grid.png"
 
 
 class AdmNpzWriter:
-    """Stream uint8 images into an .npz holding one array ``arr_0`` of known shape, atomically."""
+    """Stream uint8 images into an .npz holding one array ``arr_0`` of known shape, atomically.
+
+    The temporary file has one locked name (:mod:`rear_ds.tmpfile`): a preempted run's 9.8 GB leftover is
+    taken over by the requeued run, and a second evaluation writing the same folder is refused."""
 
     def __init__(self, path: str, shape: tuple):
         self.path, self.shape = path, tuple(int(s) for s in shape)
-        self.tmp = f"{path}.tmp.{os.getpid()}"
+        self.claim = ClaimedTmp(path, wait=False)
         self.written = 0
-        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zip = zipfile.ZipFile(self.claim.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._f = self._zip.open("arr_0.npy", mode="w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": self.shape}
@@ -70,17 +74,16 @@ class AdmNpzWriter:
         self._f.close()
         self._zip.close()
         if self.written != self.shape[0]:
-            os.remove(self.tmp)
+            self.claim.release()
             raise ValueError(f"{self.path}: only {self.written} of {self.shape[0]} images were written")
-        os.replace(self.tmp, self.path)
+        self.claim.commit()
 
     def abort(self) -> None:
         try:
             self._f.close()
             self._zip.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self.claim.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +126,7 @@ def checkpoint_step(weights_file: str) -> Optional[int]:
 
 def main(argv=None) -> int:
     from rear_ds.config import ConfigError
+    from rear_ds.data.sources import TransientReadError
     from rear_ds.evaluation.chunks import IncompleteSamplesError
     from rear_ds.evaluation.inception import InceptionWeightsError
     from rear_ds.evaluation.safe_npz import NpzError
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         evaluate(args)
         return 0
     except (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, ValueError, TmpBusyError, TransientReadError) as e:
         print(f"rear_ds.evaluate: error: {e}", file=sys.stderr)
         return 1
 
@@ -155,6 +159,9 @@ def evaluate(args) -> dict:
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
+    for bad in gathered.accounting["invalid_chunk_files"]:
+        print(f"rear_ds.evaluate: warning: ignoring invalid chunk file {bad} (its indices are held by valid chunks)",
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
 
     extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
@@ -234,7 +241,7 @@ def evaluate(args) -> dict:
                                      "(same value as torch_fidelity fid_statistics_to_metric)")),
         "accounting": dict(gathered.accounting, samples_scored=int(counted),
                            per_class_min=int(class_counts.min()), per_class_max=int(class_counts.max()),
-                           reference_images=ref_stats["num_images"]),
+                           reference_images=ref_stats["num_images"], reference_images_skipped=len(ref.skipped)),
         "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),
                     "grid": os.path.abspath(os.path.join(args.out, GRID))},
         "notes": notes,

@@ -6,7 +6,7 @@ CKPT_DIR may be the run folder, its ``checkpoints/`` folder (then ``latest`` is 
 checkpoint folder. Only complete checkpoints (with their COMPLETE marker) are exported. The fp32 master
 weights are reconstructed from the ZeRO partitions with DeepSpeed's zero_to_fp32 utilities; the resolved
 run config is stored as JSON in the file's metadata under "rear_config", and the file loads with
-``rear_ds.models.generator.load_generator``. The training-only alignment heads are dropped by default.
+``rear_ds.models.load_generator``. The training-only alignment heads are dropped by default.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def fp32_state_dict(ckpt_dir: str, tag: str) -> dict:
 
 def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_heads: bool = False) -> dict:
     from rear_ds.config import config_from_dict
-    from rear_ds.models.generator import ALIGN_PREFIXES, ReARGenerator
+    from rear_ds.models import build_generator
+    from rear_ds.models.generator import ALIGN_PREFIXES
     from rear_ds.models.weights import check_state_dict, save_safetensors
 
     ckpt_dir, tag = locate(ckpt, tag)
@@ -75,7 +76,7 @@ def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_h
     if not with_align_heads:
         state = {k: v for k, v in state.items() if not k.startswith(ALIGN_PREFIXES)}
     with torch.device("meta"):  # check names and shapes against the architecture before writing
-        ref = ReARGenerator(cfg.model, with_align_heads=with_align_heads)
+        ref = build_generator(cfg.model, with_align_heads=with_align_heads)
     check_state_dict(ref, state, what=f"checkpoint {os.path.join(ckpt_dir, tag)}")
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     state = {k: v.to(target).contiguous() for k, v in state.items()}

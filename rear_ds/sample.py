@@ -152,9 +152,10 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
     """Export a DeepSpeed checkpoint once to ``<out_dir>/model_<tag>.safetensors``; -> (file, tag, config dir).
 
     Uses ``rear_ds.export`` (zero_to_fp32 under the hood; it reads the run's own checkpoint files, written
-    by our trainer, never files from elsewhere). Each worker that finds no exported file writes its own
-    temp file and renames it, so concurrent array tasks are safe (if wasteful: export beforehand for
-    big models).
+    by our trainer, never files from elsewhere). Each worker that finds no exported file exports it; the
+    writers take turns on one locked temporary name (:mod:`rear_ds.tmpfile`), so concurrent array tasks
+    are safe (if wasteful: export beforehand for big models) and a killed export leaves no file behind
+    that the next one does not take over.
     """
     from rear_ds.export import ExportError, export, locate
 
@@ -164,15 +165,10 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
         raise SampleError(f"DeepSpeed checkpoint {path!r}: {e}") from None
     out = os.path.join(out_dir, f"model_{tag}.safetensors")
     if not os.path.isfile(out):
-        tmp = f"{out}.tmp.{socket.gethostname()}.{os.getpid()}.safetensors"
         try:
-            export(ckpt_dir, tmp, dtype="fp32", tag=tag)
-            os.replace(tmp, out)
+            export(ckpt_dir, out, dtype="fp32", tag=tag)
         except ExportError as e:
             raise SampleError(f"exporting DeepSpeed checkpoint {ckpt_dir}/{tag} failed: {e}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return out, tag, os.path.join(ckpt_dir, tag)
 
 
@@ -352,7 +348,7 @@ def run(args) -> int:
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
                                            num_chunks, remove_stale_tmp, write_chunk)
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
     from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
 
     worker = detect_worker(args.task_id, args.num_tasks)

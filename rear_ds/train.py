@@ -121,7 +121,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.data.reader import ReaderStateError, build_train_loader
-    from rear_ds.models.generator import count_parameters, flops_per_sample
+    from rear_ds.models import count_parameters, flops_per_sample
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
@@ -210,7 +210,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
 
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
-    norm_cls = type(model.blocks[0].norm1)  # torch's LayerNorm or apex's (build.choose_layernorm)
+    norm_cls = type(model.blocks[0].norm1)  # the family's norm_layer_for choice (e.g. apex's LayerNorm)
     run_info = {"world_size": world, "launcher": env.launcher, "device": str(device), "zero_stage": stage,
                 "precision": t.precision, "optimizer_impl": opt_impl,
                 "layernorm_impl": f"{norm_cls.__module__}.{norm_cls.__name__}",

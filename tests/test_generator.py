@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rear_ds.config import ConfigError, ModelConfig, load_config
-from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
+from rear_ds.models import count_parameters, flops_per_sample
+from rear_ds.models.generator import ReARGenerator
 
 
 @pytest.mark.parametrize("name,inference_m,train_m", [
@@ -238,7 +239,7 @@ def test_released_checkpoint_loads_strictly(tmp_path, tiny_cfg, tiny_model):
     """A file in the released layout (safetensors, with or without align heads) loads; others fail clearly."""
     from safetensors.torch import save_file
 
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
     from rear_ds.models.weights import WeightsError
 
     full = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
@@ -271,7 +272,7 @@ def test_layernorm_choice_keeps_reference_numerics():
 
     from rear_ds.config import ConfigError, TrainConfig, load_config
     from rear_ds.models.generator import ReARGenerator, apex_layernorm
-    from rear_ds.training.build import choose_layernorm
+    from rear_ds.models.generator import choose_layernorm
 
     class FakeApex(nn.LayerNorm):
         pass

@@ -257,7 +257,7 @@ def test_nodelist_parser():
 def test_reference_run_trains_logs_samples_and_exports(reference):
     """ZeRO-2 bf16: loss falls; log.jsonl has every metric; a sample grid PNG; export -> load_generator -> sampler."""
     from rear_ds.config import config_from_dict
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
     from rear_ds.sampling import generate
     from safetensors import safe_open
 
@@ -441,6 +441,6 @@ def test_zero3_every_k_trains_and_exports(data, tmp_path):
     r = th.run(["python", "-m", "rear_ds.export", out, exp])
     assert r.returncode == 0, r.output[-3000:]
     from rear_ds.config import load_config
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
 
     load_generator(exp, load_config(os.path.join(th.ROOT, "configs/tiny.yaml")).model)

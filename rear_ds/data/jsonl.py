@@ -97,8 +97,9 @@ def line_index(path: str) -> tuple:
     return offsets, numbers
 
 
-def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int) -> tuple:
-    """One JSONL line -> (tokens (N,) uint16, class id); ShardError naming ``where`` if malformed."""
+def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int, num_classes: int = 0) -> tuple:
+    """One JSONL line -> (tokens (N,) uint16, class id); ShardError naming ``where`` if malformed (or, with
+    ``num_classes``, if the class is outside [0, num_classes))."""
     try:
         obj = json.loads(raw)
         cls, toks = obj["class_id"], obj["tokens"]
@@ -110,6 +111,8 @@ def parse_line(raw: bytes, where: str, num_tokens: int, codebook_size: int) -> t
         raise S.ShardError(f"{where}: not a {{'class_id', 'tokens'}} JSON line: {e}") from None
     if cls < 0:
         raise S.ShardError(f"{where}: class_id {cls} is negative")
+    if num_classes and cls >= num_classes:
+        raise S.ShardError(f"{where}: class_id {cls} outside [0, {num_classes})")
     if toks.ndim != 1 or toks.size != num_tokens or toks.min() < 0 or toks.max() >= codebook_size:
         raise S.ShardError(f"{where}: expected {num_tokens} token ids in [0, {codebook_size}), got "
                            f"{toks.size} ids in [{toks.min() if toks.size else '-'}, {toks.max() if toks.size else '-'}]")
@@ -177,8 +180,10 @@ class JsonlSource:
 
 
 def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_shard: int = 200_000,
-            shuffle_seed: int = 0, tokenizer_name: str = "maskgit_vqgan", views: str = "unknown") -> dict:
-    """JSONL -> token shards + manifest.json (lines permuted with ``shuffle_seed``; bad lines listed)."""
+            shuffle_seed: int = 0, tokenizer_name: str = "maskgit_vqgan", views: str = "unknown",
+            num_classes: int = 1000) -> dict:
+    """JSONL -> token shards + manifest.json (lines permuted with ``shuffle_seed``; bad lines listed, among
+    them classes outside [0, num_classes))."""
     if not os.path.isfile(jsonl):
         raise S.ShardError(f"input JSONL {jsonl!r} does not exist")
     os.makedirs(out, exist_ok=True)
@@ -196,7 +201,7 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
                     f.seek(int(offsets[line]))
                     where = f"line {numbers[line]}"
                     try:
-                        t, cls = parse_line(f.readline(), where, n_tok, codebook_size)
+                        t, cls = parse_line(f.readline(), where, n_tok, codebook_size, num_classes)
                     except S.ShardError as e:
                         skipped.append({"src": where, "reason": str(e)})
                         continue
@@ -214,7 +219,8 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
             os.remove(os.path.join(out, e["name"]))
         first = skipped[0]["reason"] if skipped else "the file has no lines"
         raise S.ShardError(f"{jsonl}: no line could be converted ({len(skipped)} skipped; the first: {first}); "
-                           f"check --grid {grid[0]}x{grid[1]} and --codebook-size {codebook_size}")
+                           f"check --grid {grid[0]}x{grid[1]}, --codebook-size {codebook_size} and --num-classes "
+                           f"{num_classes}")
     manifest = {
         "format": S.FORMAT,
         "tokenizer": {"name": tokenizer_name, "codebook_size": codebook_size, "grid": list(grid),
@@ -222,7 +228,7 @@ def convert(jsonl: str, out: str, grid: tuple, codebook_size: int, samples_per_s
         "preprocessing": {"views": views, "view_names": [], "note": "as in the JSONL (view = -1: unknown)"},
         "codebook_size": codebook_size, "grid": list(grid), "num_tokens": n_tok, "dtype": "uint16",
         "source": {"kind": "jsonl", "path": os.path.abspath(jsonl), "num_inputs": len(offsets)},
-        "classes": [], "shard_plan": {"samples_per_shard": samples_per_shard, "num_shards": len(entries),
+        "classes": [], "num_classes": num_classes, "shard_plan": {"samples_per_shard": samples_per_shard, "num_shards": len(entries),
                                       "shuffle_seed": shuffle_seed},
         "shards": entries, "num_samples": written,
         "class_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),

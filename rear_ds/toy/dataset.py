@@ -226,7 +226,7 @@ def load_split(root: str, split: str, size: int = 0) -> tuple:
     images, labels = [], []
     for c in range(man["num_classes"]):
         for i in range(n):
-            img = Image.open(os.path.join(root, image_relpath(split, c, i))).convert("RGB")
+            img = Image.open(os.path.join(root, image_relpath(split, c, i)), formats=("PNG",)).convert("RGB")
             images.append(resize_like_tokenize(img, size))
             labels.append(c)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
