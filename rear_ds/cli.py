@@ -17,7 +17,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     their defaults, except where there is nothing to show (None, off flags) or the help already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, "") or "default" in (action.help or ""):
+        nothing = action.default is None or action.default is False or action.default == ""  # (0 is a default)
+        if nothing or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
