@@ -39,12 +39,17 @@ log = logging.getLogger("rear_ds")
 
 
 def help_epilog() -> str:
+    """The config sections with the first sentence of their dataclass's docstring, where keys are documented,
+    and the exit codes."""
     import dataclasses
 
     from rear_ds import config
 
-    sections = "\n".join(f"  {f.name:10s} {f.type:16s} {getattr(config, f.type).__doc__.split('. ')[0].strip().rstrip('.')}"
-                          for f in dataclasses.fields(config.Config))
+    rows = []
+    for f in dataclasses.fields(config.Config):  # f.type is the class name (postponed annotations)
+        first = getattr(config, f.type).__doc__.split(". ")[0].strip().rstrip(".")
+        rows.append(f"  {f.name:10s} {f.type:16s} {first}")
+    sections = "\n".join(rows)
     return (f"config sections (the YAML's top level; override any key as section.key=value):\n{sections}\n"
             f"Every key with its default and meaning: the section's dataclass in\n  {config.__file__}\n"
             f"Worked examples: configs/*.yaml; the README's \"Training\" section explains the choices.\n\n"
@@ -58,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True,
                    help="YAML experiment config (configs/*.yaml; a relative path not found here is looked up "
                    "in the rear_ds checkout)")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json, looked up the same way)")
+    p.add_argument("--deepspeed_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/*.json, looked up the same way)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; unused")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return p.parse_args(argv)
