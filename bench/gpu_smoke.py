@@ -25,6 +25,7 @@ import sys
 import time
 
 from rear_ds.config import load_config
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.demo import free_port
 from rear_ds.training.metrics import read_run_log
 
@@ -119,8 +120,7 @@ def main(argv=None) -> int:
         print(f"gpu_smoke: {name}: ok={r['ok']} loss {r['first_loss']} -> {r['last_loss']} "
               f"steps {r['steps_logged'][-1:] } walls {[l['wall_s'] for l in r['launches']]}", file=sys.stderr,
               flush=True)
-        with open(os.path.join(args.out, "gpu_smoke.json"), "w") as f:
-            json.dump({"runs": results}, f, indent=1)
+        write_json_atomic(os.path.join(args.out, "gpu_smoke.json"), {"runs": results}, sort_keys=False)
     for r in results:
         if not r["ok"]:
             for l in r["launches"]:

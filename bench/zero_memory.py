@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rear_ds.data.shards import write_json_atomic  # noqa: E402
 from rear_ds.training.optim import inner_optimizer, param_groups  # noqa: E402
 
 
@@ -225,8 +225,7 @@ def main(argv=None) -> int:
                "accelerator": deepspeed.get_accelerator().device_name(),
                "summary": summary, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json_atomic(args.out, doc, sort_keys=False)
     dist.barrier()
     return 0
 

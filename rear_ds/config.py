@@ -321,6 +321,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: folder, batch sizes, steps, precision, checkpoints, logging and in-training evaluation."""
+
     out_dir: str = "runs/default"
     seed: int = 42
     micro_batch_size: int = 128  # per process
@@ -413,6 +415,8 @@ class SamplingConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging (offline unless an API key is configured; see rear_ds/training/metrics.py)."""
+
     enabled: bool = True
     project: str = "rear_ds"
     mode: str = ""  # "" = online if an API key is configured, else offline; WANDB_MODE wins
@@ -547,13 +551,31 @@ def _nest(path: list, value: Any) -> dict:
     return out
 
 
+# The checkout rear_ds runs from (an editable install or PYTHONPATH): where configs/ and ds_configs/ live.
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_config_file(path: str, folder: str = "configs", what: str = "config file") -> str:
+    """``path`` itself if it exists; else, for a relative path, the same path in the rear_ds checkout, then a
+    bare name in its ``folder`` (``configs`` or ``ds_configs``): ``--config configs/rear_l.yaml`` works from any
+    directory after ``pip install -e .``. The error names every place it looked."""
+    tried = [os.path.abspath(path)]
+    if not os.path.isabs(path):
+        tried.append(os.path.join(SOURCE_ROOT, path))
+    if not os.path.dirname(path):
+        tried.append(os.path.join(SOURCE_ROOT, folder, path))
+    for cand in tried:
+        if os.path.isfile(cand):
+            return path if cand == tried[0] else cand
+    raise ConfigError(f"{what} {path!r} does not exist (looked for {', '.join(dict.fromkeys(tried))})")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
                 need_data: bool = False) -> Config:
-    """Build a validated :class:`Config` from a YAML file and dotted overrides."""
+    """Build a validated :class:`Config` from a YAML file (see :func:`find_config_file`) and dotted overrides."""
     cfg = Config()
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
+        path = find_config_file(path)
         with open(path) as f:
             try:
                 data = yaml.safe_load(f) or {}

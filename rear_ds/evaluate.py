@@ -1,6 +1,6 @@
 """Score a samples folder: ``python -m rear_ds.evaluate``.
 
-    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \
+    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights /models/weights-inception-2015-12-05-6726825d.pth --out eval/L_g10
 
 1. Gathers the chunk files written by ``rear_ds.sample`` and checks that every index 0..N-1 is present
@@ -14,7 +14,8 @@
    Reference: an ADM reference batch .npz (its stored mu/sigma for FID, its arr_0 images for P/R), a
    ``ref_stats`` .npz, a folder of images, or a token-shard set decoded with the tokenizer (--config).
 4. Writes ``<out>/results.json`` (checkpoint, sampling settings, N, reference, evaluator, metrics,
-   accounting) and ``<out>/samples_grid.png``.
+   accounting) and ``<out>/samples_grid.png``; with ``--wandb-run RUN_DIR`` also logs the metrics to that
+   training run's W&B run (``eval/*`` against ``train/step``; offline unless an API key is configured).
 
 torch-fidelity's Inception is a port of the TF graph ADM uses, but its numbers are not bit-identical to the
 ADM evaluator's; against ADM's stored mu/sigma the FID mixes the two. Report ADM-evaluator numbers for
@@ -32,9 +33,11 @@ import argparse
 import json
 import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
 
@@ -84,8 +87,7 @@ class AdmNpzWriter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.evaluate", "rear-evaluate")
     p.add_argument("--samples", required=True, help="folder written by `python -m rear_ds.sample`")
     p.add_argument("--reference", required=True,
                    help="ADM reference batch .npz, ref_stats .npz, folder of images, or token-shard folder")
@@ -99,12 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    p.add_argument("--is-splits", type=int, default=10)
-    p.add_argument("--prc-k", type=int, default=3)
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size k")
     p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--wandb-run", default=None, metavar="RUN_DIR",
+                   help="also log the metrics (eval/*, against train/step) to the W&B run of this training run folder "
+                   "(train.out_dir): its run id, project and mode; offline unless an API key is configured, "
+                   "WANDB_MODE=offline|disabled honoured. Run it when the training is not writing to that run")
     return p
+
+
+def checkpoint_step(weights_file: str) -> Optional[int]:
+    """The training step an exported checkpoint was taken at (its "step" metadata), None when unknown."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_file, "pt") as f:
+            return int((f.metadata() or {}).get("step", ""))
+    except (OSError, ValueError, SafetensorError):  # released weights, a .bin, a file moved since sampling
+        return None
 
 
 def main(argv=None) -> int:
@@ -127,8 +144,6 @@ def main(argv=None) -> int:
 
 
 def evaluate(args) -> dict:
-    from tqdm import tqdm
-
     from rear_ds.evaluation.chunks import gather_chunks, iter_images
     from rear_ds.evaluation.grid import save_grid
     from rear_ds.evaluation.inception import InceptionFeatures, resolve_inception_weights
@@ -136,9 +151,11 @@ def evaluate(args) -> dict:
     from rear_ds.evaluation.references import open_reference
     from rear_ds.evaluation.stats import fid_from_features, inception_score, precision_recall
     from rear_ds.sample import read_manifest
+    from rear_ds.training.metrics import log_to_wandb_run, wandb_run_of
 
     t_start = time.time()
     resolve_inception_weights(args.inception_weights)  # fail before any heavy work
+    wandb_init = wandb_run_of(args.wandb_run) if args.wandb_run else None
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
@@ -152,8 +169,7 @@ def evaluate(args) -> dict:
     pools, logits, grid, counted = [], [], [], 0
     class_counts = np.zeros(C, dtype=np.int64)
     try:
-        with tqdm(total=N, unit="img", desc="inception (samples)", mininterval=1.0 if sys.stderr.isatty()
-                  else 30.0) as bar:
+        with cli.progress(N, "inception (samples)") as bar:
             for images, labels in iter_images(gathered.files, batch_size=args.batch_size):
                 if adm is not None:
                     adm.write(images)
@@ -188,7 +204,8 @@ def evaluate(args) -> dict:
     size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
     ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
                          device=str(extractor.device), with_images=not args.no_prc)
-    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size)
+    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size,
+                                     progress=True)
 
     metrics = {"fid": fid_from_features(pools, ref_stats["mu"], ref_stats["sigma"])}
     metrics["inception_score_mean"], metrics["inception_score_std"] = inception_score(logits, args.is_splits)
@@ -228,11 +245,16 @@ def evaluate(args) -> dict:
         "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),
                     "grid": os.path.abspath(os.path.join(args.out, GRID))},
         "notes": notes,
+        "wandb": {k: wandb_init[k] for k in ("id", "project", "mode")} if wandb_init else None,
         "seconds": round(time.time() - t_start, 2),
     }
     save_grid(np.stack(grid), results["outputs"]["grid"], nrow=8)
     write_json_atomic(os.path.join(args.out, RESULTS), results, sort_keys=False)
     print(json.dumps(metrics, indent=1))
+    if wandb_init:
+        where = log_to_wandb_run(wandb_init, dict(metrics, num_samples=N),
+                                 checkpoint_step(manifest["checkpoint"]["weights_file"]), "eval")
+        print(f"rear_ds.evaluate: logged to {where}", file=sys.stderr)
     return results
 
 

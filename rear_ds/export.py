@@ -10,13 +10,13 @@ run config is stored as JSON in the file's metadata under "rear_config", and the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
+from rear_ds import cli
 from rear_ds.models.weights import WeightsError
 from rear_ds.training.checkpoint import COMPLETE, LATEST, read_meta
 
@@ -88,10 +88,10 @@ def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_h
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p = cli.parser(__doc__, "python -m rear_ds.export", "rear-export")
+    p.add_argument("ckpt_dir", help="run folder, its checkpoints/ folder, or one checkpoint folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written weights")
     p.add_argument("--tag", default="", help="checkpoint tag (default: the one `latest` names)")
     p.add_argument("--with-align-heads", action="store_true", help="keep the training-only align heads")
     a = p.parse_args(argv)

@@ -6,9 +6,9 @@ answers in a second. FLOPs follow the family's flops_per_sample (rear_ds.models)
 """
 from __future__ import annotations
 
-import argparse
 import json
 
+from rear_ds import cli
 from rear_ds.config import load_config
 from rear_ds.models import count_parameters, flops_per_sample
 
@@ -58,7 +58,7 @@ def model_info(cfg, world_size: int = 8) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, "python -m rear_ds.model_info", "rear-model-info")
     ap.add_argument("config", help="YAML config, e.g. configs/rear_l.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=12")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -1,6 +1,6 @@
 """Generate N class-balanced samples into resumable chunk files: ``python -m rear_ds.sample``.
 
-    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \
+    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \\
         [--num-samples 50000] [--chunk-size 500] [--batch-size 50] [--guidance-scale 10 ...]
 
 Checkpoints
@@ -49,6 +49,7 @@ from typing import Optional
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.weights import weights_sha256
 
@@ -298,8 +299,7 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.sample", "rear-sample")
     p.add_argument("--checkpoint", required=True,
                    help="exported .safetensors, DeepSpeed run/checkpoints/tag folder, or released weights")
     p.add_argument("--config", default=None, help="config YAML (required for released weights)")
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     g.add_argument("--batch-size", type=int, default=None, help="samples per forward (CFG doubles it)")
     g.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p
@@ -344,7 +344,6 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
@@ -413,9 +412,7 @@ def run(args) -> int:
         model = load_generator(ckpt.weights, cfg.model, device=device)
         tokenizer = build_tokenizer(cfg.tokenizer, load_weights=True, device=device)
         n_todo = sum(chunk_range(k, cs, N)[1] - chunk_range(k, cs, N)[0] for k in todo)
-        bar = tqdm(total=n_todo, unit="img", desc=f"sample w{worker.index}/{worker.count}",
-                   disable=args.no_progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                   dynamic_ncols=True)
+        bar = cli.progress(n_todo, f"sample w{worker.index}/{worker.count}", disable=args.no_progress)
         try:
             for k in todo:
                 start, stop = chunk_range(k, cs, N)
@@ -431,9 +428,7 @@ def run(args) -> int:
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["images_generated"] / max(stats["seconds"], 1e-9), 3)
     log_path = os.path.join(out_dir, "logs", f"worker_{worker.index:04d}_of_{worker.count:04d}.json")
-    with open(log_path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(log_path + ".tmp", log_path)
+    write_json_atomic(log_path, stats, sort_keys=False)
     print(f"rear_ds.sample: worker {worker.index} done: wrote {stats['chunks_written']} chunks "
           f"({stats['images_generated']} images, {stats['images_per_s']} img/s), skipped {skipped}",
           file=sys.stderr)

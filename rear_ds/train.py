@@ -1,13 +1,12 @@
 """Train reAR with DeepSpeed.
 
-    deepspeed rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json --config configs/tiny.yaml \
+    deepspeed rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json --config configs/tiny.yaml \\
         train.out_dir=runs/x train.max_steps=100
     torchrun --nproc_per_node 8 rear_ds/train.py --deepspeed_config ... --config ...
     srun python rear_ds/train.py --deepspeed_config ... --config ...          (rank/world from SLURM_*)
 
 The run folder (train.out_dir) holds config.yaml, ds_config.json, log.jsonl, wandb_id, samples/*.png and
 checkpoints/ (see rear_ds/training/checkpoint.py). A relaunch resumes from checkpoints/latest by itself.
-Exit codes: 0 finished, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue), 1 error.
 
 Precision (train.precision, matching the DeepSpeed JSON): "bf16" keeps the module's weights in bf16 for
 forward/backward with fp32 master weights and fp32 Adam states in the (ZeRO) optimizer; "bf16_autocast"
@@ -17,7 +16,6 @@ gradients are clipped to norm 1.0 by DeepSpeed.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -31,17 +29,42 @@ if __package__ in (None, ""):  # run as a script by the launchers: make `rear_ds
 import numpy as np
 import torch
 
+from rear_ds import cli
 from rear_ds.config import ConfigError, config_json, load_config, save_config
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.training import ds_config as dsc
 from rear_ds.training import launch_env, preflight, signals
 
 log = logging.getLogger("rear_ds")
 
 
+def help_epilog() -> str:
+    """The config sections with the first sentence of their dataclass's docstring, where keys are documented,
+    and the exit codes."""
+    import dataclasses
+
+    from rear_ds import config
+
+    rows = []
+    for f in dataclasses.fields(config.Config):  # f.type is the class name (postponed annotations)
+        first = getattr(config, f.type).__doc__.split(". ")[0].strip().rstrip(".")
+        rows.append(f"  {f.name:10s} {f.type:16s} {first}")
+    sections = "\n".join(rows)
+    return (f"config sections (the YAML's top level; override any key as section.key=value):\n{sections}\n"
+            f"Every key with its default and meaning: the section's dataclass in\n  {config.__file__}\n"
+            f"Worked examples: configs/*.yaml; the README's \"Training\" section explains the choices.\n\n"
+            f"exit codes:\n  {signals.EXIT_OK}   finished\n  {signals.EXIT_PREEMPTED}  stopped by SIGTERM/SIGUSR1 "
+            f"after writing a checkpoint (slurm/train.sh requeues the job)\n  {signals.EXIT_ERROR}   error "
+            f"(a bad config is found before anything is built)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p = cli.parser(__doc__, "rear_ds/train.py", epilog=help_epilog())
+    p.add_argument("--config", required=True,
+                   help="YAML experiment config (configs/*.yaml; a relative path not found here is looked up "
+                   "in the rear_ds checkout)")
+    p.add_argument("--deepspeed_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/*.json, looked up the same way)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; unused")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return p.parse_args(argv)
@@ -134,10 +157,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
         load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if rank == 0:
-        dsc_path = os.path.join(t.out_dir, "ds_config.json")
-        with open(dsc_path, "w") as f:
-            import json
-            json.dump(ds_cfg, f, indent=2)
+        write_json_atomic(os.path.join(t.out_dir, "ds_config.json"), ds_cfg, sort_keys=False)
 
     # 3. Model, optimizer, schedule. Same init on every rank; then per-rank streams for dropout.
     stage = dsc.zero_stage(ds_cfg)

@@ -1,9 +1,10 @@
-"""setup.py declares exactly the third-party packages that rear_ds imports (issue 17 item 3)."""
+"""pyproject.toml declares exactly the third-party packages that rear_ds imports (issue 17 item 3)."""
 import ast
 import importlib.metadata
 import os
 import re
 import sys
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,11 +44,9 @@ def rear_ds_imports() -> tuple:
 
 
 def declared_requirements() -> set:
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            return {_norm(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in ast.literal_eval(node.value)}
-    raise AssertionError("setup.py has no install_requires")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return {_norm(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in deps}
 
 
 def _norm(name: str) -> str:
@@ -64,9 +63,25 @@ def test_declared_packages_are_the_imported_ones():
     required = {_norm(dists[m][0]): m for m in third_party if m not in optional}
     declared = declared_requirements()
     missing = {d: sorted(third_party[m]) for d, m in required.items() if d not in declared}
-    assert not missing, f"imported by rear_ds but not in setup.py's install_requires: {missing}"
+    assert not missing, f"imported by rear_ds but not in pyproject.toml's dependencies: {missing}"
     imported = set(required) | {_norm(d) for m in optional if m in dists for d in dists[m]}
     unused = sorted(declared - imported)
-    assert not unused, f"in setup.py's install_requires but never imported by rear_ds: {unused}"
+    assert not unused, f"in pyproject.toml's dependencies but never imported by rear_ds: {unused}"
     assert "webdataset" in required and "rear_ds/data/shards.py" in third_party["webdataset"]  # really used
     assert optional & set(third_party) == {"apex"}  # the one optional package (not on the package index)
+
+
+def test_the_installed_versions_are_inside_the_declared_ranges():
+    """The ranges state what was tested: the suite must run with versions inside them (pytest depends on
+    packaging, so it is there wherever the tests run)."""
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    outside = {str(r): importlib.metadata.version(r.name) for r in reqs
+               if not r.specifier.contains(importlib.metadata.version(r.name), prereleases=True)}
+    assert not outside, f"installed versions outside pyproject.toml's ranges: {outside}"
+    unbounded = [str(r) for r in reqs if not any(s.operator in ("<", "<=", "==", "~=") for s in r.specifier)]
+    assert not unbounded, f"ranges without an upper bound: {unbounded}"
+    assert sys.version_info[:2] >= (3, 11) and project["requires-python"] == ">=3.11"

@@ -5,16 +5,16 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
+
+from rear_ds import cli
 
 from .jsonl import convert
 from .shards import ShardError
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.data.jsonl_to_shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.data.jsonl_to_shards")
     p.add_argument("jsonl", help='input file, one {"class_id": int, "tokens": [ints]} per line')
     p.add_argument("out", help="empty output folder")
     p.add_argument("--grid", type=int, nargs=2, default=[16, 16], metavar=("H", "W"), help="token grid (default 16 16)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from rear_ds.config import ConfigError, TokenizerConfig, apply_section
+from rear_ds.config import ConfigError, TokenizerConfig, apply_section, find_config_file
 from . import shards as S
 from .preprocess import (IMAGE_FORMATS, MAX_ASPECT_RATIO, TEN_CROP_RATIO, VIEW_MODES, load_image, make_views,
                          to_float_batch)
@@ -75,8 +75,10 @@ def tokenizer_config(config_path: str = "", weights: str = "", image_size: int =
     """The ``tokenizer:`` section of a YAML config (other sections ignored), then the flag overrides."""
     cfg = TokenizerConfig()
     if config_path:
-        if not os.path.isfile(config_path):
-            raise JobError(f"--config {config_path!r} does not exist")
+        try:
+            config_path = find_config_file(config_path)
+        except ConfigError as e:
+            raise JobError(f"--config: {e}") from None
         with open(config_path) as f:
             section = (yaml.safe_load(f) or {}).get("tokenizer", {}) or {}
         try:  # the config loader's own checks: unknown keys, types, the nested tokenizer.alitok section
@@ -365,7 +367,7 @@ class TokenizeJob:
         return self.summary()
 
     def _process(self, work: list, flat: list) -> None:
-        from tqdm import tqdm
+        from rear_ds import cli
 
         a = self.args
         ds = _DecodeSet([it for _, _, it in flat], self.settings["preprocessing"]["image_size"], a.views, a.min_size)
@@ -373,8 +375,7 @@ class TokenizeJob:
                                              prefetch_factor=4 if a.workers else None)
         shard_iter = iter(work)
         builder = None
-        bar = tqdm(total=len(flat), unit="img", desc=f"rank {self.rank}", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        bar = cli.progress(len(flat), f"rank {self.rank}")
         try:
             for chunk in loader:
                 for pos, views, reason, transient in chunk:
@@ -598,10 +599,9 @@ Example:
 
 
 def build_parser():
-    import argparse
+    from rear_ds import cli
 
-    p = argparse.ArgumentParser(prog="data_prep/tokenize.py", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(HELP, "data_prep/tokenize.py", "rear-tokenize")
     p.add_argument("--input", default="", help="ImageNet-style folder, folder of .tar image shards, or brace pattern")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--class-index", default="", help="JSON list/mapping or text file (first word per line = "

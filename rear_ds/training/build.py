@@ -143,8 +143,7 @@ def sample_grid(model, tokenizer, cfg, step: int, out_dir: str, rank: int, zero_
         torch.set_rng_state(cpu_rng)
     if rank != 0:
         return None
-    from rear_ds.training.metrics import save_grid
+    from rear_ds.evaluation.grid import save_grid
+    from rear_ds.evaluation.references import to_uint8_hwc
 
-    path = os.path.join(out_dir, "samples", f"step_{step:08d}.png")
-    save_grid(images, path)
-    return path
+    return save_grid(to_uint8_hwc(images), os.path.join(out_dir, "samples", f"step_{step:08d}.png"))

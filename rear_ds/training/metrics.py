@@ -71,6 +71,51 @@ def wandb_mode(cfg_mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def wandb_run_of(run_dir: str) -> dict:
+    """``wandb.init`` arguments that continue the W&B run of the training run in ``run_dir``: its run id (the
+    ``wandb_id`` file), project and mode (config.yaml's wandb section, chosen as for training: WANDB_MODE wins,
+    offline without an API key). ValueError when the folder has no W&B run."""
+    import yaml
+
+    from rear_ds.config import WandbConfig
+
+    id_file = os.path.join(run_dir, "wandb_id")
+    if not os.path.isfile(id_file):
+        raise ValueError(f"{run_dir!r} has no wandb_id file: not a training run folder (train.out_dir), or "
+                         f"its training ran with wandb.enabled=false")
+    cfg_path, section = os.path.join(run_dir, "config.yaml"), {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            section = (yaml.safe_load(f) or {}).get("wandb") or {}
+    defaults = WandbConfig()
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    return {"project": section.get("project", defaults.project), "id": run_id, "resume": "allow",
+            "mode": wandb_mode(section.get("mode", defaults.mode)), "dir": run_dir}
+
+
+def log_to_wandb_run(init: dict, values: dict, step: Optional[int], prefix: str) -> str:
+    """Log ``values`` as ``<prefix>/<key>`` to the run ``init`` names (see :func:`wandb_run_of`), against the
+    training step (``train/step``) when it is known. W&B takes one writer per run at a time: call this when
+    the training run is not writing. Returns where the values went, for the log."""
+    import wandb
+
+    run = wandb.init(**init)
+    try:
+        values = {f"{prefix}/{k}": v for k, v in values.items()}
+        if step is not None:  # (W&B would fill an unknown step with the last one it saw)
+            run.define_metric("train/step")
+            run.define_metric(f"{prefix}/*", step_metric="train/step")
+            values["train/step"] = step
+        run.log(values)
+    finally:
+        run.finish()
+        # finish() can return before W&B's service has written the run (wandb 0.31, offline: the first run of a
+        # process had only its file header on disk); teardown waits for it.
+        wandb.teardown()
+    return f"W&B run {init['id']} of project {init['project']} ({init['mode']} mode, files under {init['dir']})"
+
+
 class RunLogger:
     """Rank 0 only (other ranks get a RunLogger with enabled=False that does nothing)."""
 
@@ -82,6 +127,8 @@ class RunLogger:
         if not enabled:
             return
         self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a", buffering=1)
+        # Progress: steps this process has done so far, for the ETA (a resumed run counts from its start step).
+        self.max_steps, self._t0, self._step0 = cfg.train.max_steps, time.perf_counter(), run_info["start_step"]
         self.write({"event": "start", **run_info})
         if cfg.wandb.enabled:
             import wandb
@@ -103,14 +150,26 @@ class RunLogger:
         if self.enabled:
             self.jsonl.write(json.dumps(record) + "\n")
 
+    def eta_s(self, step: int) -> Optional[float]:
+        """Seconds to train.max_steps at the average pace of this process so far (checkpoints, sample grids
+        and evaluations included)."""
+        done = step - self._step0
+        return (self.max_steps - step) * (time.perf_counter() - self._t0) / done if done > 0 else None
+
     def log_step(self, record: dict) -> None:
         if not self.enabled:
             return
+        training = "loss" in record  # else an evaluation record (in-training FID)
+        if training:
+            record["eta_s"] = self.eta_s(record["step"])
         self.write(record)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
                            step=record["step"])
-        parts = [f"step {record['step']}"]
+        parts = [f"step {record['step']}/{self.max_steps}"]
+        if training:
+            eta = record["eta_s"]
+            parts.append(f"eta {format_duration(eta)}" if eta is not None else "eta n/a")
         for k, fmt in (("loss", ".4f"), ("ce", ".4f"), ("enc_align", ".4f"), ("dec_align", ".4f"),
                        ("token_acc", ".3f"), ("rho", ".3f"), ("lr", ".2e"), ("grad_norm", ".3f"),
                        ("samples_per_s", ".1f"), ("tflops", ".2f"), ("mfu", ".3f"), ("data_wait_frac", ".2f"),
@@ -118,6 +177,8 @@ class RunLogger:
             v = record.get(k)
             if v is not None:
                 parts.append(f"{k} {v:{fmt}}")
+            elif k == "mfu" and training:
+                parts.append("mfu n/a")  # no known peak: the CPU, or a GPU missing from PEAK_TFLOPS (train.peak_tflops)
         log.info(" | ".join(parts))
 
     def log_image(self, path: str, step: int) -> None:
@@ -166,6 +227,14 @@ class Throughput:
         return out
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m", 185 -> "3m05s", 42 -> "42s"."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def peak_memory_gb() -> Optional[float]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -176,18 +245,3 @@ def peak_memory_gb() -> Optional[float]:
     except Exception:
         return None
 
-
-def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:
-    """(B, 3, H, W) in [0, 1] -> one PNG grid (uint8 by truncation, as the reference sampler)."""
-    from PIL import Image
-
-    B, _, H, W = images.shape
-    ncol = min(ncol, B)
-    nrow = (B + ncol - 1) // ncol
-    grid = torch.zeros(3, nrow * H, ncol * W)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i].float().cpu()
-    arr = (grid.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path)

@@ -7,18 +7,18 @@ records the source file name and SHA-256 in its metadata.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from rear_ds import cli
 from rear_ds.models.tokenizers import IMPLEMENTATIONS, released_config, tokenizer_weights_sha256
 from rear_ds.models.weights import WeightsError, check_state_dict, read_state_dict, save_safetensors
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__doc__, "python -m rear_ds.models.tokenizers.convert")
     parser.add_argument("src", help="tokenizer weights (.bin/.pt/.pth state dict or .safetensors)")
     parser.add_argument("dst", help="output .safetensors path")
     parser.add_argument("--tokenizer", default="maskgit_vqgan", choices=sorted(IMPLEMENTATIONS),

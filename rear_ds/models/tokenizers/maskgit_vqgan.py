@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from rear_ds.config import TokenizerConfig
@@ -163,8 +164,8 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latent -> (B, h, w) int64 ids of the nearest codebook rows."""
-        b, c, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # raster order: index = row * w + col
+        b, _, h, w = z.shape
+        flat = rearrange(z, "b c h w -> (b h w) c")  # raster order: index = row * w + col
         emb = self.embedding.weight
         # |z|^2 + |e|^2 - 2 z.e, computed in this order as in the reference (matters only for near-ties).
         dist = torch.addmm(flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1)[None, :], flat, emb.t(),
@@ -209,5 +210,5 @@ class MaskGITVQGAN(Tokenizer):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w) or (B, h * w) token ids (flat ones in raster order) -> (B, 3, H, W) in [0, 1]."""
         ids = self.flat_ids(tokens).reshape(-1, *self.grid)
-        z = self.codebook_vectors(ids).permute(0, 3, 1, 2)  # (B, embed_dim, h, w)
+        z = rearrange(self.codebook_vectors(ids), "b h w c -> b c h w")
         return self.decoder(z).clamp(0.0, 1.0)
