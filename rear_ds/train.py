@@ -320,6 +320,7 @@ def train(cfg, ds_cfg: dict, env, device) -> int:
     # slurm/train.sh also reads this event: an exit after it that is not 75 (a teardown abort) still requeues
     logger.write({"event": "stop" if stopped else "finished", "step": step})
     dist.barrier()  # the last collective: what follows (W&B's upload on rank 0, the exit) waits for no rank
+    heartbeat.last_beat = 0.0  # nothing for the stall watch to report while rank 0 finishes W&B and deletions
     loader.close()
     code = signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
     logger.close(exit_code=code)

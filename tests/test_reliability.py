@@ -515,7 +515,8 @@ signals.install()
 # the helper: reports its signal mask, then outlives a SIGUSR1 and a SIGTERM sent to it by its parent (as Slurm
 # signals every process of the step: the warning signal, then scancel's or a preemption's SIGTERM)
 child = [sys.executable, "-c", "import signal, time; m = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
-         "print(signal.SIGUSR1 in m and signal.SIGTERM in m, flush=True); time.sleep(1.5); print('helper done', flush=True)"]
+         "print(signal.SIGUSR1 in m and signal.SIGTERM in m, flush=True); time.sleep(1.5); "
+         "print('helper done', flush=True)"]
 import threading, psutil
 def hit():
     time.sleep(0.5)
@@ -526,7 +527,8 @@ def hit():
 threading.Thread(target=hit).start()
 res = signals.run_helper(child)
 time.sleep(0.2)
-print("RC", res.returncode, "OUT", res.stdout.split(), "PARENT_FLAGS", [signal.Signals(s).name for s in signals._received])
+print("RC", res.returncode, "OUT", res.stdout.split(), "PARENT_FLAGS",
+      [signal.Signals(s).name for s in signals._received])
 """
 
 

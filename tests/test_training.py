@@ -440,8 +440,8 @@ def test_kill_partial_sigterm_resume_equals_uninterrupted(reference, data, tmp_p
     import sys
 
     busy = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0"
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({busy!r}, 'w'); print('open', flush=True); "
-                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({busy!r}, 'w'); "
+                               "print('open', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "open"
     wandb_id = open(os.path.join(out, "wandb_id")).read().strip()
     ck = os.path.join(out, "checkpoints")

@@ -78,8 +78,8 @@ def _save(engine, ckpt_dir, step, *args, **kwargs):
         with open(ballast, "wb") as f:
             f.truncate(0)
             os.posix_fallocate(f.fileno(), 0, free - 64 * 1024)
-        print(f"FAULT: rank 0 filled {ckpt_dir}'s file system: {os.statvfs(ckpt_dir).f_bavail * os.statvfs(ckpt_dir).f_frsize} "
-              "bytes free", flush=True)
+        left = os.statvfs(ckpt_dir).f_bavail * os.statvfs(ckpt_dir).f_frsize
+        print(f"FAULT: rank 0 filled {ckpt_dir}'s file system: {left} bytes free", flush=True)
     try:
         return save(engine, ckpt_dir, step, *args, **kwargs)
     finally:
@@ -96,7 +96,7 @@ if env("REAR_TEST_SLOW_DELETE_S") and RANK == "0":
     _real_rmtree = shutil.rmtree
 
     def _slow_rmtree(path, *args, **kwargs):
-        if ".deleting-" in str(path):  # the first checkpoint folder only (not DeepSpeed's temporary folders)
+        if "/checkpoints/step_" in str(path):  # the first checkpoint folder only (not DeepSpeed's temp folders)
             shutil.rmtree = _real_rmtree
             print(f"FAULT: rank 0 deletes {path} slowly", flush=True)
             time.sleep(float(env("REAR_TEST_SLOW_DELETE_S")))

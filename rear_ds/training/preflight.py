@@ -122,7 +122,8 @@ def check_shared_out_dir(out_dir: str) -> None:
         with open(path) as f:
             problem = None if f.read() == token[0] else f"{path} holds something else"
     except OSError as e:
-        problem = f"{os.path.abspath(out_dir)} on host {socket.gethostname()} lacks the file rank 0 just wrote ({e.strerror})"
+        problem = (f"{os.path.abspath(out_dir)} on host {socket.gethostname()} lacks the file rank 0 just wrote "
+                   f"({e.strerror})")
     problems = gather_problems(problem)
     if dist.get_rank() == 0:
         os.remove(path)
