@@ -233,8 +233,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from rear_ds.training import launch_env
 
-    try:
-        code = main()
-    finally:
-        launch_env.shutdown()
-    raise SystemExit(code)
+    launch_env.run_and_exit(main)  # no interpreter finalization after the last collective (see exit_process)

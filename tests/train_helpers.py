@@ -60,6 +60,13 @@ def losses(out_dir: str) -> dict:
     return read_run_log(out_dir)[0]
 
 
+def read_events(out_dir: str) -> list:
+    """The event records of log.jsonl (start, finished, stop) in order."""
+    from rear_ds.training.metrics import read_run_log
+
+    return read_run_log(out_dir)[1]
+
+
 def workers(launcher_pid: int) -> dict:
     """rank -> pid of the training processes under a launcher."""
     import psutil

@@ -2,8 +2,10 @@
 
 W&B never needs the network unless it is configured: ``wandb.mode`` (or the WANDB_MODE variable, which
 wins) chooses; with neither, it is "online" only if an API key is configured, else "offline". The run id is
-stored in ``<out_dir>/wandb_id`` and reused on resume, so a requeued job continues the same W&B run.
-Only rank 0 logs; every number is already reduced over ranks by the caller.
+stored in ``<out_dir>/wandb_id`` and reused on resume, so a requeued job continues the same W&B run. Records
+carry the optimizer step as the metric ``train/step`` (the x-axis of every chart) instead of W&B's own step:
+a resumed run logs again the steps after its checkpoint, which W&B would drop as lower than the run's last
+step. Only rank 0 logs; every number is already reduced over ranks by the caller.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import uuid
 from typing import Optional
 
 import torch
+
+from rear_ds.training import launch_env
 
 log = logging.getLogger("rear_ds")
 
@@ -129,6 +133,7 @@ class RunLogger:
         self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a", buffering=1)
         # Progress: steps this process has done so far, for the ETA (a resumed run counts from its start step).
         self.max_steps, self._t0, self._step0 = cfg.train.max_steps, time.perf_counter(), run_info["start_step"]
+        launch_env.at_exit(lambda code: self.close(exit_code=code))
         self.write({"event": "start", **run_info})
         if cfg.wandb.enabled:
             import wandb
@@ -143,6 +148,9 @@ class RunLogger:
             mode = wandb_mode(cfg.wandb.mode)
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.run_name or None, id=self.wandb_id,
                                     resume="allow", mode=mode, dir=out_dir, config=cfg.to_dict())
+            self.wandb.define_metric("train/step")
+            for pattern in ("train/*", "samples"):
+                self.wandb.define_metric(pattern, step_metric="train/step")
             self.wandb.summary.update({k: v for k, v in run_info.items() if not isinstance(v, (dict, list))})
             log.info("W&B run %s (%s mode)", self.wandb_id, mode)
 
@@ -164,8 +172,7 @@ class RunLogger:
             record["eta_s"] = self.eta_s(record["step"])
         self.write(record)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
-                           step=record["step"])
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None})
         parts = [f"step {record['step']}/{self.max_steps}"]
         if training:
             eta = record["eta_s"]
@@ -185,13 +192,15 @@ class RunLogger:
         if self.enabled and self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples": wandb.Image(path)}, step=step)
+            self.wandb.log({"samples": wandb.Image(path), "train/step": step})
 
-    def close(self) -> None:
-        if self.enabled:
+    def close(self, exit_code: int = 0) -> None:
+        """Close log.jsonl and finish the W&B run (which may upload for a while: call it after the last
+        collective). Also run by launch_env.exit_process on every other way out, with the exit code."""
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=exit_code)
 
 
 class Throughput:

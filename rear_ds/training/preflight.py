@@ -86,3 +86,38 @@ def check_resume(cfg: Config) -> None:
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} holds checkpoint {os.path.join(ckpt_dir, resume.tag)} "
                           f"of another architecture, which this run would resume from: {'; '.join(diffs)}. "
                           "Use another train.out_dir, or the config the checkpoint was trained with.")
+
+
+def check_shared_out_dir(out_dir: str) -> None:
+    """Collective, after rank 0 created ``out_dir``: every rank must see that same folder. On several nodes it
+    must be on a file system they share; a node-local folder of the same name would take each node's part of
+    every checkpoint where rank 0, which commits it, never looks (a COMPLETE checkpoint that cannot be loaded).
+    Rank 0 writes a file with a fresh name there (no NFS client has a cached answer for a new name), every
+    rank reads it back; raises ConfigError on every rank, naming those that did not find it."""
+    import socket
+    import uuid
+
+    import torch.distributed as dist
+
+    from rear_ds.training.launch_env import gather_problems
+
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, f".shared-check-{token[0]}"), "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0)  # after the write
+    path = os.path.join(out_dir, f".shared-check-{token[0]}")
+    try:
+        with open(path) as f:
+            problem = None if f.read() == token[0] else f"{path} holds something else"
+    except OSError as e:
+        problem = (f"{os.path.abspath(out_dir)} on host {socket.gethostname()} lacks the file rank 0 just wrote "
+                   f"({e.strerror})")
+    problems = gather_problems(problem)
+    if dist.get_rank() == 0:
+        os.remove(path)
+    if problems:
+        raise ConfigError(f"train.out_dir={out_dir!r} is not one folder shared by all ranks: {'; '.join(problems)}. "
+                          "Put it on a file system every node mounts (checkpoints are written by all ranks into it).")
