@@ -36,11 +36,13 @@ STAMP="$(date +%F)"
 # 1. The trainer itself on the GPU (deepspeed launcher, compile, resume, autocast, ZeRO-3): about 1-2 min.
 smoke_rc=0
 if [ "${GPU_SMOKE:-1}" = "1" ]; then
-  timeout 200 python3 -m bench.gpu_smoke --out "$OUT_DIR" --timeout 120 2>&1 | tee "$OUT_DIR/gpu_smoke.log" | tail -n 40
+  # GPU_SMOKE_RUNS=a,b picks runs by name (bench/gpu_smoke.py RUNS)
+  timeout 260 python3 -m bench.gpu_smoke --out "$OUT_DIR" --timeout 120 --runs "${GPU_SMOKE_RUNS:-}" 2>&1 | tee "$OUT_DIR/gpu_smoke.log" | tail -n 40
   smoke_rc=${PIPESTATUS[0]}
 fi
-# 2. The benchmark, in what is left of 8 minutes (sections that would start too late are recorded as skipped).
-left=$((465 - SECONDS))
+# 2. The benchmark, in what is left of 8 minutes (GPU_TOTAL_S; sections that would start too late are recorded as
+# skipped).
+left=$((${GPU_TOTAL_S:-465} - SECONDS))
 [ "$left" -lt 120 ] && left=120
 timeout "$left" python3 -m bench.run --gpu "${QUICK[@]}" --budget-s $((left - 60)) \
   --out "$OUT_DIR/gpu_${STAMP}.json" --md "$OUT_DIR/BENCHMARKS_gpu.md" 2>&1 | tee "$OUT_DIR/bench_gpu.log" | tail -n 120

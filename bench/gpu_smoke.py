@@ -105,7 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_smoke.json")
     ap.add_argument("--work", default="/tmp/rear_gpu_smoke", help="scratch folder for the runs (emptied first)")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per launch")
+    ap.add_argument("--runs", default="", help=f"comma list of runs (default all: {','.join(r[0] for r in RUNS)})")
     args = ap.parse_args(argv)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - {r[0] for r in RUNS})
+    if unknown:
+        ap.error(f"--runs: unknown {unknown}; expected names from {[r[0] for r in RUNS]}")
     if shutil.which("deepspeed") is None:
         print("gpu_smoke: the deepspeed launcher is not on PATH", file=sys.stderr)
         return 1
@@ -114,6 +119,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     results = []
     for name, config, ds_json, extra, steps, resume_to in RUNS:
+        if wanted and name not in wanted:
+            continue
         print(f"gpu_smoke: {name} ...", file=sys.stderr, flush=True)
         r = one_run(name, config, ds_json, extra, steps, resume_to, args.work, args.timeout)
         results.append(r)
