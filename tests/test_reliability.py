@@ -637,7 +637,7 @@ def test_wandb_keeps_the_steps_a_resumed_run_logs_again(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = load_config(TINY, ["wandb.enabled=true"])
     for steps in (range(1, 13), range(11, 14)):  # killed after 12; resumed from the step-10 checkpoint
-        logger = RunLogger(str(tmp_path), cfg, True, {"world_size": 2})
+        logger = RunLogger(str(tmp_path), cfg, True, {"world_size": 2, "start_step": steps.start - 1})
         for s in steps:
             logger.log_step({"step": s, "loss": 1.0 / s})
         logger.close()

@@ -16,7 +16,8 @@ from PIL import Image, ImageFile
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The formats ImageNet-style data comes in. Everything else is refused before a decoder runs: PIL would
 # otherwise pick a plugin by content, whatever the name (an EPS file named .JPEG runs Ghostscript).
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# TIFF stays: Pillow decodes it itself, and it is the lossless format that holds CMYK scans.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 # The ADM crop scales the short side to the crop size, so a 1 x W image becomes size x (size * W): a
 # 200-byte 1 x 40,000 PNG would need 25 GB at 256. Longer/shorter side above this ratio is skipped
 # (the upscaled image stays under size^2 * 50 pixels: 9.8 MB at 256).

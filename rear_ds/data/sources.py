@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 class InputError(ValueError):
