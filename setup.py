@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rear-model-info=rear_ds.model_info:main",
+            "rear-ablate=rear_ds.ablate:main",
         ],
     },
 )
