@@ -142,21 +142,36 @@ def spread(values: list) -> dict:
             "min": round(float(v.min()), 4), "max": round(float(v.max()), 4), "n": int(len(v))}
 
 
+def paired(differences: list, better: str) -> dict:
+    """Spread of per-seed differences (arm - AR), the 95% confidence interval of their mean (Student t) and a
+    verdict: "better"/"worse" when the interval excludes 0, else "no clear difference"."""
+    from scipy.stats import t
+
+    out = spread(differences)
+    if out["std"] is None:
+        return dict(out, ci95=None, verdict="one seed: no verdict")
+    half = float(t.ppf(0.975, out["n"] - 1)) * out["std"] / np.sqrt(out["n"])
+    lo, hi = out["mean"] - half, out["mean"] + half
+    verdict = "no clear difference" if lo <= 0 <= hi else \
+        ("better" if (lo > 0) == (better == "higher") else "worse")
+    return dict(out, ci95=[round(lo, 4), round(hi, 4)], verdict=verdict)
+
+
 def value(scores: dict, metric: str) -> float:
     s = scores[metric]
     return s["consistency"] if isinstance(s, dict) else s
 
 
 def summarize(runs: dict, seeds: list) -> dict:
-    """Per arm and metric: the values by seed and their spread; per other arm: paired differences vs AR."""
+    """Per arm and metric: the values by seed and their spread; per other arm: differences to AR, paired by seed."""
     out = {"per_arm": {}, "paired_vs_AR": {}}
     for arm, by_seed in runs.items():
         out["per_arm"][arm] = {m: dict(spread([value(by_seed[s]["scores"], m) for s in seeds]),
                                        by_seed={str(s): value(by_seed[s]["scores"], m) for s in seeds})
                                for m, _, _ in METRICS}
         if arm != "AR":
-            out["paired_vs_AR"][arm] = {m: spread([value(by_seed[s]["scores"], m) - value(runs["AR"][s]["scores"], m)
-                                                   for s in seeds]) for m, _, _ in METRICS}
+            out["paired_vs_AR"][arm] = {m: paired([value(by_seed[s]["scores"], m) - value(runs["AR"][s]["scores"], m)
+                                                   for s in seeds], better) for m, _, better in METRICS}
     return out
 
 
@@ -185,7 +200,9 @@ def report_markdown(rep: dict) -> str:
                  f"{ref['class_consistency']['consistency']:.3f} | {ref['feature_frechet']:.3f} (real train vs "
                  f"held-out, same n: the floor) |")
     for arm, per in summ["paired_vs_AR"].items():
-        lines.append(f"| {arm} - AR, paired by seed | " + " | ".join(_fmt(per[m]) for m, _, _ in METRICS) + " |")
+        lines.append(f"| {arm} - AR, paired by seed | " + " | ".join(
+            f"{_fmt(per[m])}" + (f", 95% CI [{per[m]['ci95'][0]:.3f}, {per[m]['ci95'][1]:.3f}]: {per[m]['verdict']}"
+                                 if per[m]["ci95"] else "") for m, _, _ in METRICS) + " |")
     lines += ["", "Mean ± sample standard deviation over seeds (the seeds' values in brackets). "
               "The Frechet distance is computed in the toy classifier's 64-d feature space: it is NOT FID. "
               "In curves.png, reAR's cross-entropy is measured on its noisy context until the noise reaches 0 "
@@ -221,7 +238,7 @@ def machine_state() -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=demo.ROOT, capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=demo.ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
@@ -327,17 +344,11 @@ def run_ablation(args) -> dict:
 def print_summary(rep: dict, md: str) -> None:
     per = rep["summary"]["per_arm"]
     verdicts = []
-    for m, title, better in METRICS:
-        paired = rep["summary"]["paired_vs_AR"]["reAR"][m]
-        sign = 1 if better == "higher" else -1
-        if paired["std"] is None:
-            how = "one seed: no spread, no verdict"
-        elif abs(paired["mean"]) <= paired["std"] / np.sqrt(paired["n"]) * 2:
-            how = "within 2 standard errors of 0: no clear difference at this scale"
-        else:
-            how = "reAR better" if sign * paired["mean"] > 0 else "reAR worse"
-        verdicts.append(f"  {title}: reAR {_fmt(per['reAR'][m])} vs AR {_fmt(per['AR'][m])}; "
-                        f"paired difference {_fmt(paired)} ({how})")
+    for m, title, _ in METRICS:
+        d = rep["summary"]["paired_vs_AR"]["reAR"][m]
+        verdicts.append(f"  {title}: reAR {_fmt(per['reAR'][m])} vs AR {_fmt(per['AR'][m])}; paired difference "
+                        f"{_fmt(d)} (" + (f"95% CI [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]: reAR {d['verdict']}"
+                                          if d["ci95"] else d["verdict"]) + ")")
     print("\n".join(["", "=" * 72, f"reAR vs AR ablation finished in {rep['timings_s']['total']:.0f}s "
                      f"({len(rep['settings']['seeds'])} seed(s), {rep['settings']['steps']} steps per run)",
                      *verdicts, "  NOTE: the Frechet distance is in the toy classifier's feature space; it is NOT FID.",

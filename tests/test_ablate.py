@@ -79,7 +79,15 @@ def test_spread_and_paired_summary():
     summ = summarize(runs, [0, 1])
     assert summ["per_arm"]["reAR"]["round_trip"]["by_seed"] == {"0": 0.5, "1": 0.6}
     assert summ["paired_vs_AR"]["reAR"]["round_trip"]["mean"] == pytest.approx(0.15)
-    assert summ["paired_vs_AR"]["reAR"]["feature_frechet"]["mean"] == pytest.approx(-1.5)
+    fd = summ["paired_vs_AR"]["reAR"]["feature_frechet"]
+    assert fd["mean"] == pytest.approx(-1.5) and fd["std"] == pytest.approx(0.7071, abs=1e-4)
+    # t(0.975, 1 dof) = 12.706: [-1.5 -+ 12.706 * 0.7071 / sqrt(2)] includes 0
+    assert fd["ci95"] == pytest.approx([-7.853, 4.853], abs=2e-3) and fd["verdict"] == "no clear difference"
+    assert summarize(runs, [0])["paired_vs_AR"]["reAR"]["round_trip"]["verdict"] == "one seed: no verdict"
+    runs["reAR"][2], runs["AR"][2] = scores(0.55, 0.9, 1.5), scores(0.41, 0.9, 3.0)
+    summ = summarize(runs, [0, 1, 2])  # round trip +0.1, +0.2, +0.14: reAR higher on every seed, CI excludes 0
+    assert summ["paired_vs_AR"]["reAR"]["round_trip"]["verdict"] == "better"
+    assert summ["paired_vs_AR"]["reAR"]["feature_frechet"]["verdict"] == "better"  # lower is better here
     assert "AR" not in summ["paired_vs_AR"]
 
 
