@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -42,6 +43,13 @@ def measured_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 20) -
 
     t = time_fn(gemms, device, warmup=1, repeats=3)
     return 2 * n ** 3 * iters / t["median_s"] / 1e12
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left (Python garbage, then the CUDA caching allocator's blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:
@@ -155,6 +163,9 @@ def size_config(name: str) -> ModelConfig:
     s_d4      reAR-S width (768, 16 heads, MLP 3072), 256 tokens, full vocab, but only 4 blocks (CPU)
     s_w256    a reduced-width model (256, 4 blocks) with the full 256-token sequence: CPU sampling target
     s, b, l   the released reAR-S / B / L shapes from configs/rear_{s,b,l}.yaml (GPU)
+    alitok_b      reAR-B-AliTok from configs/rear_b_alitok.yaml (177M; AliTok's 273-token layout)
+    alitok_b_d4   its width (768, SwiGLU 2048, 4096 codes, 1000 classes), 273 tokens, 4 blocks (CPU)
+    alitok_tiny   the same layout at width 64, 2 blocks, 64 codes (quick mode)
     """
     if name == "tiny":
         return _cfg(hidden_size=64, depth=4, num_heads=4, mlp_dim=256, codebook_size=64, num_classes=10,
@@ -167,7 +178,15 @@ def size_config(name: str) -> ModelConfig:
     if name == "tiny_256":  # quick-mode stand-in for s_w256: 256 tokens, tiny width
         return _cfg(hidden_size=64, depth=2, num_heads=4, mlp_dim=256, align_proj_dim=64,
                     encode_align_layer=0, decode_align_layer=1)
-    if name in ("s", "b", "l"):  # the shipped configs are the source of truth
+    if name in ("s", "b", "l", "alitok_b"):  # the shipped configs are the source of truth
         from rear_ds.config import load_config
-        return load_config(os.path.join(REPO, "configs", f"rear_{name}.yaml")).model
+        stem = "rear_b_alitok" if name == "alitok_b" else f"rear_{name}"
+        return load_config(os.path.join(REPO, "configs", f"{stem}.yaml")).model
+    alitok = dict(family="alitok", num_tokens=273, prefix_tokens=17, tok_dropout=0.1, encode_align_layer=0)
+    if name == "alitok_b_d4":
+        return _cfg(**alitok, hidden_size=768, depth=4, num_heads=16, mlp_dim=2048, codebook_size=4096,
+                    align_z_dim=32, decode_align_layer=3)
+    if name == "alitok_tiny":
+        return _cfg(**alitok, hidden_size=64, depth=2, num_heads=4, mlp_dim=256, codebook_size=64, num_classes=10,
+                    align_proj_dim=64, align_z_dim=16, decode_align_layer=1)
     raise ValueError(f"unknown bench size {name!r}")

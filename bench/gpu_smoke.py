@@ -1,5 +1,5 @@
 """The trainer on a GPU under the real launcher: short `deepspeed --num_gpus 1 rear_ds/train.py` runs of
-configs/tiny.yaml on made-up class-dependent tokens (bench/gpu.sh runs this before the benchmark).
+configs/tiny.yaml and configs/tiny_alitok.yaml on made-up class-dependent tokens (bench/gpu.sh runs this before the benchmark).
 
     python -m bench.gpu_smoke --out DIR      # writes DIR/gpu_smoke.json; exit 1 if a run failed
 
@@ -7,7 +7,8 @@ Runs (each must exit 0 and log finite losses that fall):
 - ZeRO-2 bf16 with per-block torch.compile, 10 steps, then a second launch that resumes from the step-10
   checkpoint and goes on to step 20 (the restored fused-AdamW state must live on the GPU);
 - ZeRO-2 bf16_autocast, 12 steps;
-- ZeRO-3 bf16 with activation checkpointing, 12 steps.
+- ZeRO-3 bf16 with activation checkpointing, 12 steps;
+- the AliTok family (tiny_alitok) under ZeRO-2 bf16 with per-block torch.compile, 12 steps.
 Nothing here needs a GPU: on a CPU the same runs go through DeepSpeed's CPU accelerator (compile is then
 ignored with a warning, as the trainer documents).
 """
@@ -23,15 +24,19 @@ import subprocess
 import sys
 import time
 
+from rear_ds.config import load_config
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.demo import free_port
 from rear_ds.training.metrics import read_run_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RUNS = [  # name, DeepSpeed JSON, overrides, steps then (optionally) steps after a resume
-    ("zero2_bf16_compile", "zero2_bf16.json", ["train.compile=true"], 10, 20),
-    ("zero2_bf16_autocast", "zero2_bf16_autocast.json", ["train.precision=bf16_autocast"], 12, None),
-    ("zero3_bf16_ckpt", "zero3_bf16.json", ["train.activation_checkpointing=all"], 12, None),
+RUNS = [  # name, config, DeepSpeed JSON, overrides, steps then (optionally) steps after a resume
+    ("zero2_bf16_compile", "tiny.yaml", "zero2_bf16.json", ["train.compile=true"], 10, 20),
+    ("zero2_bf16_autocast", "tiny.yaml", "zero2_bf16_autocast.json", ["train.precision=bf16_autocast"], 12, None),
+    ("zero3_bf16_ckpt", "tiny.yaml", "zero3_bf16.json", ["train.activation_checkpointing=all"], 12, None),
+    # the second generator family (RoPE, RMSNorm in fp32, token dropout) under per-block compile
+    ("alitok_zero2_bf16_compile", "tiny_alitok.yaml", "zero2_bf16.json", ["train.compile=true"], 12, None),
 ]
 
 
@@ -46,10 +51,10 @@ def write_tokens(path: str, n: int = 1024, num_classes: int = 10, num_tokens: in
     return path
 
 
-def launch(ds_json: str, overrides: list, timeout: int) -> tuple:
+def launch(config: str, ds_json: str, overrides: list, timeout: int) -> tuple:
     cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), os.path.join(REPO, "rear_ds", "train.py"),
            "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_json),
-           "--config", os.path.join(REPO, "configs", "tiny.yaml"), *overrides]
+           "--config", os.path.join(REPO, "configs", config), *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
@@ -61,15 +66,17 @@ def launch(ds_json: str, overrides: list, timeout: int) -> tuple:
     return rc, output if isinstance(output, str) else output.decode(errors="replace"), time.time() - t0, cmd
 
 
-def one_run(name: str, ds_json: str, extra: list, steps: int, resume_to, data: str, work: str,
+def one_run(name: str, config: str, ds_json: str, extra: list, steps: int, resume_to, work: str,
             timeout: int) -> dict:
     out_dir = os.path.join(work, name)
+    num_tokens = load_config(os.path.join(REPO, "configs", config)).model.num_tokens
+    data = write_tokens(os.path.join(work, f"tokens_{num_tokens}.jsonl"), num_tokens=num_tokens)
     base = [f"train.out_dir={out_dir}", f"data.jsonl={data}", "data.num_workers=0", "train.allow_random_tokenizer=true",
             "train.log_every=1", "train.ckpt_every=10", "train.keep_last=3", "train.sample_every=0", *extra]
-    res = {"name": name, "ds_config": ds_json, "overrides": extra, "launches": []}
+    res = {"name": name, "config": config, "ds_config": ds_json, "overrides": extra, "launches": []}
     plan = [steps] + ([resume_to] if resume_to else [])
     for max_steps in plan:
-        rc, output, wall, cmd = launch(ds_json, base + [f"train.max_steps={max_steps}"], timeout)
+        rc, output, wall, cmd = launch(config, ds_json, base + [f"train.max_steps={max_steps}"], timeout)
         res["launches"].append({"max_steps": max_steps, "rc": rc, "wall_s": round(wall, 1),
                                 "command": " ".join(cmd), "output_tail": output[-2500:] if rc != 0 else ""})
         if rc != 0:
@@ -98,25 +105,29 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_smoke.json")
     ap.add_argument("--work", default="/tmp/rear_gpu_smoke", help="scratch folder for the runs (emptied first)")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per launch")
+    ap.add_argument("--runs", default="", help=f"comma list of runs (default all: {','.join(r[0] for r in RUNS)})")
     args = ap.parse_args(argv)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - {r[0] for r in RUNS})
+    if unknown:
+        ap.error(f"--runs: unknown {unknown}; expected names from {[r[0] for r in RUNS]}")
     if shutil.which("deepspeed") is None:
         print("gpu_smoke: the deepspeed launcher is not on PATH", file=sys.stderr)
         return 1
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     os.makedirs(args.out, exist_ok=True)
-    data = os.path.join(args.work, "tokens.jsonl")
-    write_tokens(data)
     results = []
-    for name, ds_json, extra, steps, resume_to in RUNS:
+    for name, config, ds_json, extra, steps, resume_to in RUNS:
+        if wanted and name not in wanted:
+            continue
         print(f"gpu_smoke: {name} ...", file=sys.stderr, flush=True)
-        r = one_run(name, ds_json, extra, steps, resume_to, data, args.work, args.timeout)
+        r = one_run(name, config, ds_json, extra, steps, resume_to, args.work, args.timeout)
         results.append(r)
         print(f"gpu_smoke: {name}: ok={r['ok']} loss {r['first_loss']} -> {r['last_loss']} "
               f"steps {r['steps_logged'][-1:] } walls {[l['wall_s'] for l in r['launches']]}", file=sys.stderr,
               flush=True)
-        with open(os.path.join(args.out, "gpu_smoke.json"), "w") as f:
-            json.dump({"runs": results}, f, indent=1)
+        write_json_atomic(os.path.join(args.out, "gpu_smoke.json"), {"runs": results}, sort_keys=False)
     for r in results:
         if not r["ok"]:
             for l in r["launches"]:

@@ -3,7 +3,9 @@
     python -m bench.run                      # full CPU benchmark (~10-15 min on 2 cores)
     python -m bench.run --quick              # CI smoke: tiny sizes, 1 repeat, asserts nothing about speed
     python -m bench.run --gpu                # GPU plan (reAR-S/B/L); see bench/gpu.sh (< 8 min on one H200)
-    python -m bench.run --only train,memory  # a subset (train, memory, zero, sampling, data, tokenize, profile, compile)
+    python -m bench.run --only train,memory  # a subset (train, memory, zero, sampling, data, tokenize, profile, compile,
+                                             # alitok)
+    ALITOK_REPO=/tmp/alitok python -m bench.run --only alitok   # reAR-AliTok vs the official AliTok code
 
 Results go to --out (default bench/results/<cpu|gpu>_<date>.json). A full (non --quick) run also rewrites its
 section of BENCHMARKS.md (--no-md to skip, --md to force it in quick mode). Timing is in-process: warm-up runs,
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import shlex
@@ -28,9 +29,9 @@ import torch
 from rear_ds.backends import enable_fast_kernels
 from rear_ds.data.shards import write_json_atomic
 
-from .common import REPO, machine_info, pick_device, size_config
+from .common import REPO, machine_info, pick_device, release, size_config
 
-SECTIONS = ("train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile")
+SECTIONS = ("train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile", "alitok")
 SCHEMA = "rear_ds.bench/1"
 
 # Paper reference (method spec section 11): reAR-L 16.05 min/epoch on 8 x A800 ~ 166 images/s per GPU.
@@ -47,7 +48,7 @@ def plan_for(quick: bool, gpu: bool) -> dict:
                   "sampling_repeats": 1, "sampling_recompute_sizes": ["tiny_256"],
                   "zero": plan_for(True, False)["zero"], "reader": plan_for(True, False)["reader"],
                   "tokenize": plan_for(True, False)["tokenize"], "profile": ("tiny", 4, 1),
-                  "compile": {"size": "tiny", "whole_model": False}})
+                  "compile": {"size": "tiny", "whole_model": False}, "alitok": plan_for(True, False)["alitok"]})
         return p
     if quick:
         return {
@@ -58,6 +59,8 @@ def plan_for(quick: bool, gpu: bool) -> dict:
             "reader": {"micro_batch_size": 16, "num_samples": 256, "batches": 4, "num_workers": 0},
             "tokenize": {"full_size": False, "batch": 2, "iters": 1},
             "profile": ("tiny", 4, 1), "compile": {"size": "tiny", "whole_model": False},
+            "alitok": {"step": ("alitok_tiny", 2), "rounds": 1, "sampling": ("alitok_tiny", 2), "sampling_rounds": 1,
+                       "memory": [("alitok_tiny", 2)], "zero": None},
         }
     if gpu:
         return {
@@ -70,6 +73,10 @@ def plan_for(quick: bool, gpu: bool) -> dict:
             "reader": {"micro_batch_size": 128, "num_samples": 16384, "batches": 60, "num_workers": 4},
             "tokenize": {"full_size": True, "batch": 32, "iters": 5},
             "profile": ("l", 64, 3), "compile": {"size": "tiny", "whole_model": True},
+            # the paper's Fig. 5 point: reAR-B-AliTok ~19 img/s with the KV cache at batch 128 on one A800
+            "alitok": {"step": ("alitok_b", 128), "rounds": 6, "sampling": ("alitok_b", 128), "sampling_rounds": 2,
+                       "memory": [("alitok_b", 32)],
+                       "zero": {"size": "alitok_b", "micro_batch": 8, "stages": "0,3", "precisions": "bf16"}},
         }
     return {
         "train": [("tiny", 16), ("s_d4", 4)], "train_ckpt_modes": ["off", "all"], "eager_sizes": ["tiny", "s_d4"],
@@ -83,6 +90,10 @@ def plan_for(quick: bool, gpu: bool) -> dict:
         "reader": {"micro_batch_size": 64, "num_samples": 8192, "batches": 40, "num_workers": 2},
         "tokenize": {"full_size": True, "batch": 2, "iters": 2},
         "profile": ("s_d4", 4, 2), "compile": {"size": "tiny", "whole_model": True},
+        # AliTok-B's width and 273-token layout at 4 blocks for the races; the real AliTok-B for memory
+        "alitok": {"step": ("alitok_b_d4", 4), "rounds": 6, "sampling": ("alitok_b_d4", 4), "sampling_rounds": 2,
+                   "memory": [("alitok_b", 1)],
+                   "zero": {"size": "alitok_b_d4", "micro_batch": 1, "stages": "0,3", "precisions": "bf16"}},
     }
 
 
@@ -110,9 +121,7 @@ class RowGuard:
             self.errors.append({"row": label, "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()[-3000:]})
             self.log(f"{label} FAILED: {type(e).__name__}: {e}")
-            gc.collect()
-            if self.dev.type == "cuda":
-                torch.cuda.empty_cache()
+            release(self.dev)
 
 
 def sec_train(plan, dev, log):
@@ -150,15 +159,16 @@ def sec_memory(plan, dev, log):
     return {"results": rows, "row_errors": run.errors}
 
 
-def sec_zero(plan, dev, log, out_dir):
-    z = plan["zero"]
+def sec_zero(plan, dev, log, out_dir, z=None, name="zero_memory.json"):
+    """ZeRO memory per process under the real launcher (2 processes); ``z`` defaults to plan["zero"]."""
+    z = z or plan["zero"]
     ngpu = torch.cuda.device_count() if dev.type == "cuda" else 0
     if dev.type == "cuda" and ngpu < 2:
         return {"skipped": f"ZeRO memory needs 2 processes with one device each; this machine has {ngpu} GPU(s)"}
     launcher = subprocess.run(["which", "deepspeed"], capture_output=True, text=True).stdout.strip()
     if not launcher:
         return {"skipped": "the deepspeed launcher is not on PATH"}
-    out = os.path.join(out_dir, "zero_memory.json")
+    out = os.path.join(out_dir, name)
     port = str(29500 + 1 + os.getpid() % 2000)  # not the default port: other jobs may share the machine
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, os.path.join(REPO, "bench", "zero_memory.py"), "--size", z["size"],
            "--micro-batch", str(z["micro_batch"]), "--stages", z["stages"], "--precisions", z["precisions"],
@@ -212,6 +222,29 @@ def sec_profile(plan, dev, log):
     res = profile_train_step(size_config(size), batch, dev, steps=steps)
     res["size"] = size
     return res
+
+
+def sec_alitok(plan, dev, log, out_dir):
+    from .alitok_bench import bench_sampling_vs_official, bench_step_vs_official
+    from .train_step import bench_activation_memory
+
+    a, rows, run = plan["alitok"], {}, RowGuard(dev, log)
+    size, batch = a["step"]
+    step, samp, mem, zero = [], [], [], []
+    run(step, f"alitok train step {size} B={batch} vs the official AliTok code, {a['rounds']} interleaved rounds",
+        lambda: bench_step_vs_official(size, size_config(size), batch, dev, rounds=a["rounds"]))
+    size, batch = a["sampling"]
+    run(samp, f"alitok KV-cache sampling {size} B={batch} vs the official generate()",
+        lambda: bench_sampling_vs_official(size, size_config(size), batch, dev, rounds=a["sampling_rounds"]))
+    for size, batch in a["memory"]:
+        run(mem, f"alitok activation memory {size} B={batch}",
+            lambda: bench_activation_memory(size, size_config(size), batch, dev))
+    if a["zero"]:
+        run(zero, f"alitok ZeRO memory {a['zero']['size']}",
+            lambda: sec_zero(plan, dev, log, out_dir, a["zero"], "zero_memory_alitok.json"))
+    rows = {"step_vs_official": step, "sampling_vs_official": samp, "memory": mem, "zero": zero}
+    skipped = [f"{r['size']}: {r['skipped']}" for r in step + samp if "skipped" in r]
+    return {"results": rows, "not_run": skipped, "row_errors": run.errors}
 
 
 def sec_compile(plan, dev, log):
@@ -302,6 +335,8 @@ def targets(res: dict, dev) -> dict:
         big = rows[-1]
         t["reader_vs_step"] = {"target": "shard reader >= 10x the training step's consumption",
                                "reader_samples_per_s": d["samples_per_s"],
+                               "per_order": {o: v["samples_per_s"] / big["samples_per_s"]
+                                             for o, v in d.get("orders", {}).items()},
                                "step_samples_per_s": big["samples_per_s"], "step_size": big["size"],
                                "ratio": d["samples_per_s"] / big["samples_per_s"],
                                "met": d["samples_per_s"] / big["samples_per_s"] >= 10,
@@ -373,9 +408,10 @@ def markdown(res: dict) -> str:
         L.append(f"| KV cache vs recompute, 256 tokens, CFG ({x['size']}) | {_f(x['speedup_x'], 1)}x | {x['met']} |")
     if "reader_vs_step" in T:
         x = T["reader_vs_step"]
+        per = "".join(f"; {o} order {_f(r, 0)}x" for o, r in x.get("per_order", {}).items())
         L.append(f"| shard reader vs training-step consumption ({x['step_size']}) | {_f(x['reader_samples_per_s'], 0)} vs "
                  f"{_f(x['step_samples_per_s'])} samples/s = {_f(x['ratio'], 0)}x (vs the paper's 166 img/s/GPU: "
-                 f"{_f(x['ratio_vs_paper_L_per_gpu_166'], 1)}x) | {x['met']} |")
+                 f"{_f(x['ratio_vs_paper_L_per_gpu_166'], 1)}x{per}) | {x['met']} |")
     if "mfu_l" in T:
         x = T["mfu_l"]
         how = "" if x["mfu"] is None else (" (per-block torch.compile)" if x.get("compile_blocks") else " (eager blocks)")
@@ -457,9 +493,19 @@ def markdown(res: dict) -> str:
         if "samples_per_s" in d:
             L.append(f"- shard reader: {_f(d['samples_per_s'], 0)} samples/s (micro-batch {d['micro_batch_size']}, "
                      f"{d['num_workers']} workers, 256-token samples, {d['helper']})")
-        if "images_per_s" in tk:
-            L.append(f"- tokenization: {_f(tk['images_per_s'], 3)} images/s ({tk['tokenizer']} {tk['image_size']}px, "
-                     f"{tk['params'] / 1e6:.1f}M params, batch {tk['batch']}, {tk['weights']}, {tk.get('precision', 'fp32')})")
+        for o, v in d.get("orders", {}).items():
+            mx = v["mixing"]
+            L.append(f"- data.order={o}: {_f(v['samples_per_s'], 0)} samples/s; mixing (one rank owning one shard of "
+                     f"{mx['population']} samples, {mx['workers']} workers, micro-batch {mx['micro_batch']}, "
+                     f"{mx['accum']} per step): samples shared by the micro-batches of a step {_f(mx['step_shared'])}, "
+                     f"by batch j of consecutive passes {_f(mx['pass_shared'])} (independent random batches: "
+                     f"{_f(mx['random_shared'])})")
+        for r in tk.get("rows", [tk] if "images_per_s" in tk else []):  # one process; encode only, in fp32
+            L.append(f"- tokenization: {_f(r['images_per_s'], 3)} images/s ({r['tokenizer']} {r['image_size']}px, "
+                     f"{r.get('num_tokens', 256)} tokens, {r['params'] / 1e6:.1f}M params, batch {tk['batch']}, "
+                     f"{tk['weights']}, {tk.get('precision', 'fp32')})")
+        if "alitok_vs_maskgit_x" in tk:
+            L.append(f"- tokenization, AliTok / MaskGIT-VQGAN at the same batch: {tk['alitok_vs_maskgit_x']:.2f}x")
     pr = S.get("profile", {})
     if pr.get("families"):
         L.append("")
@@ -476,7 +522,47 @@ def markdown(res: dict) -> str:
                  for k, v in c.items() if isinstance(v, dict) and "graph_count" in v]
         L.append("")
         L.append(f"**torch.compile check** ({c['size']}, torch._dynamo.explain): {c['status']}; " + "; ".join(parts))
+    L += alitok_markdown(S.get("alitok", {}).get("results"))
     return "\n".join(L) + "\n"
+
+
+def alitok_markdown(rows) -> list:
+    if not rows:
+        return []
+    L = ["", "**reAR-AliTok vs the official AliTok code** (same shape, weights and batch, interleaved rounds in one "
+         "process; ratio < 1: rear_ds is faster)", ""]
+    for r in rows["step_vs_official"]:
+        if "skipped" in r:
+            L.append(f"- training step {r['size']}: skipped: {r['skipped']}")
+            continue
+        med = {n: sorted(v)[len(v) // 2] for n, v in r["step_s"].items()}
+        L.append(f"- training step {r['size']} ({r['params'] / 1e6:.1f}M), batch {r['batch']}, {r['precision']}: "
+                 f"rear_ds (plain AliTok loss) / official = {_f(r['alitok_over_official']['median'])} (rounds "
+                 f"{_f(r['alitok_over_official']['min'])}-{_f(r['alitok_over_official']['max'])}); with reAR on "
+                 f"{_f(r['alitok_rear_over_official']['median'])}; forward + loss + backward alone "
+                 f"{_f(r['fwd_bwd_alitok_over_official']['median'])}; median step s: "
+                 + ", ".join(f"{n} {_f(t, 3)}" for n, t in med.items()))
+    for r in rows["sampling_vs_official"]:
+        if "skipped" in r:
+            L.append(f"- KV-cache sampling {r['size']}: skipped: {r['skipped']}")
+            continue
+        L.append(f"- KV-cache sampling {r['size']}, batch {r['batch']} (CFG {r['guidance'][0]} / {r['guidance'][1]}, "
+                 f"doubled batch, fp32): rear_ds {_f(r['images_per_s']['alitok'], 2)} img/s, official "
+                 f"{_f(r['images_per_s']['official'], 2)} img/s, time ratio {_f(r['alitok_over_official']['median'])}")
+    for r in rows["memory"]:
+        L.append(f"- activation memory {r['size']} batch {r['batch']}: "
+                 f"{_mib(r['modes']['off']['activation_bytes'])} MiB, every block checkpointed "
+                 f"{_mib(r['modes']['all']['activation_bytes'])} MiB ({_f(r.get('reduction_x'))}x less)")
+    for z in rows["zero"]:
+        if "skipped" in z:
+            L.append(f"- ZeRO memory: skipped: {z['skipped']}")
+            continue
+        parts = [f"{p} ZeRO-{k[4:]} {_mib(v['params_grads_optimizer_bytes_max_rank'])} MiB"
+                 + ("" if k == "zero0" else f" ({_f(v['ratio_vs_zero0'])}x)")
+                 for p, row in z["summary"].items() for k, v in row.items()]
+        L.append(f"- ZeRO params+grads+optimizer per process, {z['size']} ({z['param_count'] / 1e6:.1f}M with the "
+                 f"align heads), {z['world_size']} processes on {z['accelerator']}: " + ", ".join(parts))
+    return L
 
 
 MD_HEADER = """# Benchmarks
@@ -558,9 +644,11 @@ def main(argv=None) -> int:
         "sections": {},
     }
     res["out_rel"] = os.path.relpath(os.path.abspath(out), REPO)
-    runners = {"train": sec_train, "memory": sec_memory, "sampling": sec_sampling, "data": sec_data,
-               "tokenize": sec_tokenize, "profile": sec_profile, "compile": sec_compile}
     with tempfile.TemporaryDirectory(prefix="rear_bench_") as tmp:
+        runners = {"train": sec_train, "memory": sec_memory, "sampling": sec_sampling, "data": sec_data,
+                   "tokenize": sec_tokenize, "profile": sec_profile, "compile": sec_compile,
+                   # these two launch processes that write into tmp
+                   "zero": lambda *a: sec_zero(*a, tmp), "alitok": lambda *a: sec_alitok(*a, tmp)}
         for name in SECTIONS:
             if name not in only or name in skip:
                 res["sections"][name] = {"skipped": "not selected (--only/--skip)", "status": "skipped"}
@@ -571,10 +659,7 @@ def main(argv=None) -> int:
                 continue
             t0 = time.time()
             try:
-                if name == "zero":
-                    sec = sec_zero(plan, dev, log, tmp)
-                else:
-                    sec = runners[name](plan, dev, log)
+                sec = runners[name](plan, dev, log)
                 sec.setdefault("status", "skipped" if "skipped" in sec else "ok")
                 if sec.get("row_errors"):  # the other rows were kept; the run still fails
                     sec["status"] = "error"

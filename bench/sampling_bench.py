@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from rear_ds.config import ModelConfig, SamplingConfig
-from rear_ds.models.generator import ReARGenerator
+from rear_ds.models import build_generator
 from rear_ds.sampling import generate
 
 from .common import time_fn
@@ -17,7 +17,7 @@ def bench_sampling(size: str, cfg: ModelConfig, batch: int, device: torch.device
                    recompute: bool = True, recompute_repeats=None) -> dict:
     """recompute_repeats: (warmup, repeats) for the recompute sampler (default: the same as the KV one)."""
     torch.manual_seed(0)
-    model = ReARGenerator(cfg, with_align_heads=False).to(device).eval()
+    model = build_generator(cfg, with_align_heads=False).to(device).eval()
     labels = torch.arange(batch) % cfg.num_classes
     indices = torch.arange(batch)
     res = {"size": size, "batch": batch, "num_tokens": cfg.num_tokens, "guidance_scale": guidance_scale,

@@ -4,22 +4,24 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from typing import Optional
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from rear_ds.config import ModelConfig, ObjectiveConfig, OptimConfig
-from rear_ds.models.generator import ReARGenerator, count_parameters, flops_per_sample
+from rear_ds.models import build_generator, count_parameters, flops_per_sample
 from rear_ds.objective import ReARObjective
 from rear_ds.training.optim import build_optimizer, param_groups
 
-from .common import autocast, peak_tflops, sync, time_fn
+from .common import autocast, peak_tflops, release, sync, time_fn
 from .eager_reference import EagerReAR, eager_loss
 
 
 def _optimizer(impl: str, model: torch.nn.Module, device: torch.device):
-    """rear: the trainer's own choice (rear_ds.training.optim, with its weight-decay groups); eager: what a
-    straightforward implementation writes, torch.optim.AdamW with its defaults (the foreach loop)."""
+    """rear: the trainer's own choice (rear_ds.training.optim, with its weight-decay groups); eager and official:
+    what a straightforward implementation writes (and AliTok's trainer does), torch.optim.AdamW with its defaults
+    (the foreach loop), on the same groups."""
     ocfg = OptimConfig()
     if impl == "rear":
         return build_optimizer(model, ocfg, device, offload=False)
@@ -29,16 +31,22 @@ def _optimizer(impl: str, model: torch.nn.Module, device: torch.device):
 
 
 class StepRunner:
-    """One training step (zero_grad, forward + full reAR loss under autocast, backward, clip, AdamW)."""
+    """One training step (zero_grad, forward + loss under autocast, backward, clip, AdamW).
+
+    impl "rear": rear_ds's generator of cfg.family + objective (default: the full reAR loss); "eager": the eager
+    reAR reference (bench/eager_reference.py); "official": the official AliTok AR model and its loss, from the
+    checkout at ``official_repo`` (bench/official_alitok.py)."""
 
     def __init__(self, impl: str, cfg: ModelConfig, batch: int, device: torch.device, precision: str = "bf16",
-                 ckpt: str = "off", seed: int = 0, compile_blocks: bool = False):
+                 ckpt: str = "off", seed: int = 0, compile_blocks: bool = False,
+                 objective: Optional[ObjectiveConfig] = None, official_repo: Optional[str] = None):
         torch.manual_seed(seed)
         self.impl, self.cfg, self.batch, self.device, self.precision = impl, cfg, batch, device, precision
-        self.ocfg = ObjectiveConfig()  # full loss: noisy context, encode + decode alignment, class dropout
+        # default: the full loss (noisy context, encode + decode alignment, class dropout)
+        self.ocfg = objective or ObjectiveConfig().resolve(OptimConfig().total_steps)
         if impl == "rear":
             with torch.device(device):  # initialise on the device (fast for the big sizes on a GPU)
-                self.model = ReARGenerator(cfg)
+                self.model = build_generator(cfg)
             self.model.set_activation_checkpointing(ckpt)
             if compile_blocks:
                 for i, blk in enumerate(self.model.blocks):
@@ -49,6 +57,11 @@ class StepRunner:
                 raise ValueError("the eager reference has no activation checkpointing")
             with torch.device(device):
                 self.model = EagerReAR(cfg)
+        elif impl == "official":
+            from .official_alitok import build_official
+
+            with torch.device(device):
+                self.model, self.official_loss = build_official(cfg, official_repo)
         else:
             raise ValueError(impl)
         self.model.train()
@@ -65,6 +78,9 @@ class StepRunner:
             if self.impl == "rear":
                 loss, _ = self.objective(self.model, self.tokens, self.labels, self.codebook, step=self.step_no,
                                          generator=self.gen)
+            elif self.impl == "official":  # its training step: class dropout 0.1, forward, ARLoss
+                cond = self.model.preprocess_condition(self.labels, cond_drop_prob=self.ocfg.class_dropout)
+                loss = self.official_loss(*self.model(self.tokens, cond, return_labels=True))[0]
             else:
                 loss = eager_loss(self.model, self.ocfg, self.tokens, self.labels, self.codebook,
                                   rho=1.0, generator=self.gen)
@@ -109,19 +125,34 @@ def bench_train(impl: str, size: str, cfg: ModelConfig, batch: int, device: torc
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     del r
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
+
+
+def interleave(tasks: dict, device: torch.device, rounds: int) -> dict:
+    """{name: [seconds per round]}: each task runs once per round, in an order rotated every round, so that the
+    slow drifts of a shared machine hit all alike."""
+    names = list(tasks)
+    times: dict = {n: [] for n in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(time_fn(tasks[n], device, warmup=0, repeats=1)["median_s"])
+    return times
+
+
+def ratios(times: dict, a: str, b: str, minus: float = 0.0) -> dict:
+    """Per-round a/b (minus ``minus``): median and range."""
+    r = [x / y - minus for x, y in zip(times[a], times[b])]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
 
 
 def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.device, warmup: int = 1,
                       rounds: int = 6, precision: str = "bf16") -> dict:
     """The two step-time targets from one process: rear (no checkpointing), rear with every block checkpointed,
-    and the eager reference take turns, one step each per round, in a rotating order, so that the slow drifts
-    of a shared machine hit all alike. The verdicts are medians of the per-round ratios. Forward + loss +
-    backward alone (no clipping, no optimizer) is timed in the same rounds for rear and eager, so the share
-    of the difference that comes from the optimizer is visible."""
+    and the eager reference take turns, one step each per round, in a rotating order. The verdicts are medians
+    of the per-round ratios. Forward + loss + backward alone (no clipping, no optimizer) is timed in the same
+    rounds for rear and eager, so the share of the difference that comes from the optimizer is visible."""
     runners = {"rear": StepRunner("rear", cfg, batch, device, precision),
                "rear_ckpt_all": StepRunner("rear", cfg, batch, device, precision, ckpt="all"),
                "eager": StepRunner("eager", cfg, batch, device, precision)}
@@ -130,26 +161,15 @@ def bench_interleaved(size: str, cfg: ModelConfig, batch: int, device: torch.dev
             r.step()
     tasks = {n: r.step for n, r in runners.items()}
     tasks.update(rear_fwd_bwd=runners["rear"].forward_backward, eager_fwd_bwd=runners["eager"].forward_backward)
-    names = list(tasks)
-    times: dict = {n: [] for n in names}
-    for i in range(rounds):
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
-            times[n].append(time_fn(tasks[n], device, warmup=0, repeats=1)["median_s"])
-    def ratios(a: str, b: str, minus: float = 0.0) -> dict:  # per-round a/b: median and range
-        r = [x / y - minus for x, y in zip(times[a], times[b])]
-        return {"median": statistics.median(r), "min": min(r), "max": max(r)}
-
+    times = interleave(tasks, device, rounds)
     out = {"size": size, "batch": batch, "precision": precision, "rounds": rounds, "warmup": warmup,
            "optimizers": {n: r.opt_name for n, r in runners.items()},
            "step_s": {n: [round(t, 6) for t in v] for n, v in times.items()},
-           "rear_over_eager": ratios("rear", "eager"),
-           "ckpt_time_overhead": ratios("rear_ckpt_all", "rear", minus=1.0),
-           "fwd_bwd_rear_over_eager": ratios("rear_fwd_bwd", "eager_fwd_bwd")}
+           "rear_over_eager": ratios(times, "rear", "eager"),
+           "ckpt_time_overhead": ratios(times, "rear_ckpt_all", "rear", minus=1.0),
+           "fwd_bwd_rear_over_eager": ratios(times, "rear_fwd_bwd", "eager_fwd_bwd")}
     del runners
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 

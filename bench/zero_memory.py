@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rear_ds.data.shards import write_json_atomic  # noqa: E402
 from rear_ds.training.optim import inner_optimizer, param_groups  # noqa: E402
 
 
@@ -132,8 +132,8 @@ def ds_config(stage: int, precision: str, micro_batch: int) -> dict:
 
 def run_stage(stage: int, precision: str, model_cfg, micro_batch: int, steps: int = 3) -> dict:
     import deepspeed
-    from rear_ds.config import ObjectiveConfig
-    from rear_ds.models.generator import ReARGenerator
+    from rear_ds.config import ObjectiveConfig, OptimConfig
+    from rear_ds.models import build_generator
     from rear_ds.objective import ReARObjective
 
     ds = ds_config(stage, precision, micro_batch)
@@ -142,11 +142,11 @@ def run_stage(stage: int, precision: str, model_cfg, micro_batch: int, steps: in
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
-        model = ReARGenerator(model_cfg)
+        model = build_generator(model_cfg)
     opt = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.96))  # the trainer's groups
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     dev = engine.device
-    obj = ReARObjective(ObjectiveConfig(), model_cfg)
+    obj = ReARObjective(ObjectiveConfig().resolve(OptimConfig().total_steps), model_cfg)
     g = torch.Generator().manual_seed(engine.global_rank)
     tokens = torch.randint(0, model_cfg.codebook_size, (micro_batch, model_cfg.num_tokens), generator=g).to(dev)
     labels = torch.randint(0, model_cfg.num_classes, (micro_batch,), generator=g).to(dev)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     import deepspeed
     import torch.distributed as dist
     from bench.common import size_config
-    from rear_ds.models.generator import count_parameters
+    from rear_ds.models import count_parameters
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -225,8 +225,7 @@ def main(argv=None) -> int:
                "accelerator": deepspeed.get_accelerator().device_name(),
                "summary": summary, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json_atomic(args.out, doc, sort_keys=False)
     dist.barrier()
     return 0
 
@@ -234,8 +233,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from rear_ds.training import launch_env
 
-    try:
-        code = main()
-    finally:
-        launch_env.shutdown()
-    raise SystemExit(code)
+    launch_env.run_and_exit(main)  # no interpreter finalization after the last collective (see exit_process)

@@ -13,20 +13,20 @@ _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
 sys.path.insert(0, os.path.dirname(_here))  # the repo root, so rear_ds imports without installing
 
-import argparse  # noqa: E402
+from rear_ds import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
     from rear_ds.toy.dataset import ToyDatasetSpec, make_dataset
 
     d = ToyDatasetSpec()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__, "data_prep/make_toy_dataset.py")
     p.add_argument("--out", required=True, help="dataset root (gets train/, val/, classes.json, dataset.json)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--per-class-train", type=int, default=d.per_class_train)
-    p.add_argument("--per-class-val", type=int, default=d.per_class_val)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed, help="drawing seed")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
+    p.add_argument("--per-class-train", type=int, default=d.per_class_train, help="training images per class")
+    p.add_argument("--per-class-val", type=int, default=d.per_class_val, help="held-out images per class")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     spec = ToyDatasetSpec(seed=a.seed, image_size=a.image_size, per_class_train=a.per_class_train,
                           per_class_val=a.per_class_val)

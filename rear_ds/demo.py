@@ -24,15 +24,18 @@ output). A second run reuses the dataset, tokenizer, classifier, shards and the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+
+from rear_ds import cli
+from rear_ds.data.shards import write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "toy.yaml")
@@ -45,8 +48,19 @@ GOLDEN_FILE = os.path.join(ROOT, "tests", "golden", "toy_losses.json")
 GOLDEN = {"per_class_train": 12, "per_class_val": 2, "steps": 30, "micro_batch_size": 8}
 
 
+# A training log line "... INFO step 10/600 | eta 3m05s | loss 4.9500 | ..." (rear_ds.training.metrics).
+PROGRESS = re.compile(r"\bstep (\d+)/(\d+) \| eta ")
+PROGRESS_KEYS = ("eta", "loss", "samples_per_s", "mfu")
+
+
 class StageError(RuntimeError):
     pass
+
+
+def shorten_progress(line: str) -> str:
+    """The step, ETA, loss, samples/s and MFU of a trainer log line."""
+    fields = line[PROGRESS.search(line).start():].strip().split(" | ")
+    return " | ".join(fields[:1] + [f for f in fields[1:] if f.split(" ")[0] in PROGRESS_KEYS])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +101,8 @@ class Runner:
                 tail = (tail + [line])[-40:]
                 if self.verbose:
                     sys.stdout.write("    " + line)
+                elif PROGRESS.search(line):  # the trainer's step lines, live: a stage can take minutes
+                    print("    " + shorten_progress(line), flush=True)
             rc = proc.wait()
         if rc not in ok_codes:
             raise StageError(f"stage {name!r} failed with exit code {rc}; last lines of {log_path}:\n"
@@ -264,11 +280,11 @@ def write_untrained(path: str, cfg, seed: int = 0) -> None:
     """A randomly initialised generator in the exported layout (same metadata as rear_ds.export)."""
     import torch
 
-    from rear_ds.models.generator import ReARGenerator
+    from rear_ds.models import build_generator
     from rear_ds.models.weights import save_safetensors
 
     torch.manual_seed(seed)
-    model = ReARGenerator(cfg.model, with_align_heads=False)
+    model = build_generator(cfg.model, with_align_heads=False)
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path,
                      metadata={"rear_config": json.dumps(cfg.to_dict(), sort_keys=True), "step": "0",
                                "dtype": "fp32", "source": f"random init, torch.manual_seed({seed})"})
@@ -424,8 +440,7 @@ def run_demo(args) -> dict:
                         "log": os.path.join(paths["train"], "log.jsonl"),
                         "checkpoints": os.path.join(paths["train"], "checkpoints"), "model": model_path,
                         "grid": grid, "metrics": os.path.join(paths["out"], "metrics.json"), "stage_logs": r.logs}
-    with open(os.path.join(paths["out"], "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json_atomic(os.path.join(paths["out"], "metrics.json"), metrics, sort_keys=False)
     print_summary(metrics, r)
     return metrics
 
@@ -501,16 +516,20 @@ def golden_record(recs: list) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help="run folder (default runs/demo, or runs/golden with --golden)")
+    p = cli.parser(__doc__, "python -m rear_ds.demo", "rear-demo")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo in the current directory; "
+                   "--golden: runs/golden in the checkout)")
     p.add_argument("--fast", action="store_true", help="half the training steps: a quicker look that does not reach the 0.8 class consistency")
-    p.add_argument("--samples-per-class", type=int, default=20)
+    p.add_argument("--samples-per-class", type=int, default=20, help="samples per class to generate and score")
     p.add_argument("--golden", action="store_true", help="run the shortened deterministic regression run "
                    "and compare its per-step losses with tests/golden/toy_losses.json")
     p.add_argument("--regenerate", action="store_true", help="with --golden: overwrite the golden file")
     p.add_argument("--verbose", action="store_true", help="echo every stage's output")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for training")
     args = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(ROOT, "data_prep")):  # a wheel install has the package only
+        p.error(f"the demo runs the repository's scripts (data_prep/, configs/), which are not beside {ROOT}: "
+                "install from a checkout with `pip install -e .`")
     try:
         if args.golden:
             recs = run_golden(args.out or os.path.join(ROOT, "runs", "golden"), args.verbose)
@@ -526,7 +545,7 @@ def main(argv=None) -> int:
             problems = compare(new, GOLDEN_FILE)
             print("[demo] golden run matches" if not problems else "[demo] golden run differs:\n  " + "\n  ".join(problems))
             return 1 if problems else 0
-        args.out = args.out or os.path.join(ROOT, "runs", "demo_fast" if args.fast else "demo")
+        args.out = args.out or os.path.join("runs", "demo_fast" if args.fast else "demo")  # from where it is started
         run_demo(args)
         return 0
     except StageError as e:

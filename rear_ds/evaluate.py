@@ -1,6 +1,6 @@
 """Score a samples folder: ``python -m rear_ds.evaluate``.
 
-    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \
+    python -m rear_ds.evaluate --samples samples/L_g10 --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights /models/weights-inception-2015-12-05-6726825d.pth --out eval/L_g10
 
 1. Gathers the chunk files written by ``rear_ds.sample`` and checks that every index 0..N-1 is present
@@ -14,7 +14,8 @@
    Reference: an ADM reference batch .npz (its stored mu/sigma for FID, its arr_0 images for P/R), a
    ``ref_stats`` .npz, a folder of images, or a token-shard set decoded with the tokenizer (--config).
 4. Writes ``<out>/results.json`` (checkpoint, sampling settings, N, reference, evaluator, metrics,
-   accounting) and ``<out>/samples_grid.png``.
+   accounting) and ``<out>/samples_grid.png``; with ``--wandb-run RUN_DIR`` also logs the metrics to that
+   training run's W&B run (``eval/*`` against ``train/step``; offline unless an API key is configured).
 
 torch-fidelity's Inception is a port of the TF graph ADM uses, but its numbers are not bit-identical to the
 ADM evaluator's; against ADM's stored mu/sigma the FID mixes the two. Report ADM-evaluator numbers for
@@ -32,10 +33,13 @@ import argparse
 import json
 import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
 
 ADM_NPZ = "samples_adm.npz"
 RESULTS = "results.json"
@@ -43,13 +47,16 @@ GRID = "samples_grid.png"
 
 
 class AdmNpzWriter:
-    """Stream uint8 images into an .npz holding one array ``arr_0`` of known shape, atomically."""
+    """Stream uint8 images into an .npz holding one array ``arr_0`` of known shape, atomically.
+
+    The temporary file has one locked name (:mod:`rear_ds.tmpfile`): a preempted run's 9.8 GB leftover is
+    taken over by the requeued run, and a second evaluation writing the same folder is refused."""
 
     def __init__(self, path: str, shape: tuple):
         self.path, self.shape = path, tuple(int(s) for s in shape)
-        self.tmp = f"{path}.tmp.{os.getpid()}"
+        self.claim = ClaimedTmp(path, wait=False)
         self.written = 0
-        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zip = zipfile.ZipFile(self.claim.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._f = self._zip.open("arr_0.npy", mode="w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": self.shape}
@@ -67,22 +74,20 @@ class AdmNpzWriter:
         self._f.close()
         self._zip.close()
         if self.written != self.shape[0]:
-            os.remove(self.tmp)
+            self.claim.release()
             raise ValueError(f"{self.path}: only {self.written} of {self.shape[0]} images were written")
-        os.replace(self.tmp, self.path)
+        self.claim.commit()
 
     def abort(self) -> None:
         try:
             self._f.close()
             self._zip.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self.claim.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.evaluate", "rear-evaluate")
     p.add_argument("--samples", required=True, help="folder written by `python -m rear_ds.sample`")
     p.add_argument("--reference", required=True,
                    help="ADM reference batch .npz, ref_stats .npz, folder of images, or token-shard folder")
@@ -96,16 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    p.add_argument("--is-splits", type=int, default=10)
-    p.add_argument("--prc-k", type=int, default=3)
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size k")
     p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--wandb-run", default=None, metavar="RUN_DIR",
+                   help="also log the metrics (eval/*, against train/step) to the W&B run of this training run folder "
+                   "(train.out_dir): its run id, project and mode; offline unless an API key is configured, "
+                   "WANDB_MODE=offline|disabled honoured. Run it when the training is not writing to that run")
     return p
+
+
+def checkpoint_step(weights_file: str) -> Optional[int]:
+    """The training step an exported checkpoint was taken at (its "step" metadata), None when unknown."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_file, "pt") as f:
+            return int((f.metadata() or {}).get("step", ""))
+    except (OSError, ValueError, SafetensorError):  # released weights, a .bin, a file moved since sampling
+        return None
 
 
 def main(argv=None) -> int:
     from rear_ds.config import ConfigError
+    from rear_ds.data.sources import TransientReadError
     from rear_ds.evaluation.chunks import IncompleteSamplesError
     from rear_ds.evaluation.inception import InceptionWeightsError
     from rear_ds.evaluation.safe_npz import NpzError
@@ -117,14 +138,12 @@ def main(argv=None) -> int:
         evaluate(args)
         return 0
     except (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, ValueError, TmpBusyError, TransientReadError) as e:
         print(f"rear_ds.evaluate: error: {e}", file=sys.stderr)
         return 1
 
 
 def evaluate(args) -> dict:
-    from tqdm import tqdm
-
     from rear_ds.evaluation.chunks import gather_chunks, iter_images
     from rear_ds.evaluation.grid import save_grid
     from rear_ds.evaluation.inception import InceptionFeatures, resolve_inception_weights
@@ -132,12 +151,17 @@ def evaluate(args) -> dict:
     from rear_ds.evaluation.references import open_reference
     from rear_ds.evaluation.stats import fid_from_features, inception_score, precision_recall
     from rear_ds.sample import read_manifest
+    from rear_ds.training.metrics import log_to_wandb_run, wandb_run_of
 
     t_start = time.time()
     resolve_inception_weights(args.inception_weights)  # fail before any heavy work
+    wandb_init = wandb_run_of(args.wandb_run) if args.wandb_run else None
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
+    for bad in gathered.accounting["invalid_chunk_files"]:
+        print(f"rear_ds.evaluate: warning: ignoring invalid chunk file {bad} (its indices are held by valid chunks)",
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
 
     extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
@@ -145,8 +169,7 @@ def evaluate(args) -> dict:
     pools, logits, grid, counted = [], [], [], 0
     class_counts = np.zeros(C, dtype=np.int64)
     try:
-        with tqdm(total=N, unit="img", desc="inception (samples)", mininterval=1.0 if sys.stderr.isatty()
-                  else 30.0) as bar:
+        with cli.progress(N, "inception (samples)") as bar:
             for images, labels in iter_images(gathered.files, batch_size=args.batch_size):
                 if adm is not None:
                     adm.write(images)
@@ -181,7 +204,8 @@ def evaluate(args) -> dict:
     size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
     ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
                          device=str(extractor.device), with_images=not args.no_prc)
-    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size)
+    ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size,
+                                     progress=True)
 
     metrics = {"fid": fid_from_features(pools, ref_stats["mu"], ref_stats["sigma"])}
     metrics["inception_score_mean"], metrics["inception_score_std"] = inception_score(logits, args.is_splits)
@@ -217,15 +241,20 @@ def evaluate(args) -> dict:
                                      "(same value as torch_fidelity fid_statistics_to_metric)")),
         "accounting": dict(gathered.accounting, samples_scored=int(counted),
                            per_class_min=int(class_counts.min()), per_class_max=int(class_counts.max()),
-                           reference_images=ref_stats["num_images"]),
+                           reference_images=ref_stats["num_images"], reference_images_skipped=len(ref.skipped)),
         "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),
                     "grid": os.path.abspath(os.path.join(args.out, GRID))},
         "notes": notes,
+        "wandb": {k: wandb_init[k] for k in ("id", "project", "mode")} if wandb_init else None,
         "seconds": round(time.time() - t_start, 2),
     }
     save_grid(np.stack(grid), results["outputs"]["grid"], nrow=8)
     write_json_atomic(os.path.join(args.out, RESULTS), results, sort_keys=False)
     print(json.dumps(metrics, indent=1))
+    if wandb_init:
+        where = log_to_wandb_run(wandb_init, dict(metrics, num_samples=N),
+                                 checkpoint_step(manifest["checkpoint"]["weights_file"]), "eval")
+        print(f"rear_ds.evaluate: logged to {where}", file=sys.stderr)
     return results
 
 

@@ -6,17 +6,17 @@ CKPT_DIR may be the run folder, its ``checkpoints/`` folder (then ``latest`` is 
 checkpoint folder. Only complete checkpoints (with their COMPLETE marker) are exported. The fp32 master
 weights are reconstructed from the ZeRO partitions with DeepSpeed's zero_to_fp32 utilities; the resolved
 run config is stored as JSON in the file's metadata under "rear_config", and the file loads with
-``rear_ds.models.generator.load_generator``. The training-only alignment heads are dropped by default.
+``rear_ds.models.load_generator``. The training-only alignment heads are dropped by default.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
+from rear_ds import cli
 from rear_ds.models.weights import WeightsError
 from rear_ds.training.checkpoint import COMPLETE, LATEST, read_meta
 
@@ -64,7 +64,8 @@ def fp32_state_dict(ckpt_dir: str, tag: str) -> dict:
 
 def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_heads: bool = False) -> dict:
     from rear_ds.config import config_from_dict
-    from rear_ds.models.generator import ALIGN_PREFIXES, ReARGenerator
+    from rear_ds.models import build_generator
+    from rear_ds.models.generator import ALIGN_PREFIXES
     from rear_ds.models.weights import check_state_dict, save_safetensors
 
     ckpt_dir, tag = locate(ckpt, tag)
@@ -75,7 +76,7 @@ def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_h
     if not with_align_heads:
         state = {k: v for k, v in state.items() if not k.startswith(ALIGN_PREFIXES)}
     with torch.device("meta"):  # check names and shapes against the architecture before writing
-        ref = ReARGenerator(cfg.model, with_align_heads=with_align_heads)
+        ref = build_generator(cfg.model, with_align_heads=with_align_heads)
     check_state_dict(ref, state, what=f"checkpoint {os.path.join(ckpt_dir, tag)}")
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     state = {k: v.to(target).contiguous() for k, v in state.items()}
@@ -87,10 +88,10 @@ def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_h
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p = cli.parser(__doc__, "python -m rear_ds.export", "rear-export")
+    p.add_argument("ckpt_dir", help="run folder, its checkpoints/ folder, or one checkpoint folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written weights")
     p.add_argument("--tag", default="", help="checkpoint tag (default: the one `latest` names)")
     p.add_argument("--with-align-heads", action="store_true", help="keep the training-only align heads")
     a = p.parse_args(argv)

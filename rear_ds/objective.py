@@ -9,6 +9,12 @@
 m marks the input positions replaced by the noisy-context perturbation. Labels and alignment targets
 always use the clean tokens. With ``noisy_context``, ``encode_align`` and ``decode_align`` all off this
 is the plain AR baseline, computed by the same code.
+
+The same objective serves every generator family: the model maps t_0..t_{N-1} to its own positions (the
+alitok family has no cls token, so its rows are reAR's shifted by one; alitok spec 3.2) and returns the
+features already at those rows. Noise only ever touches the N image tokens, never the class token. For a model
+with prefix tokens (AliTok's 17), ``perturb_prefix`` / ``align_prefix`` false keep them out of the noise / out
+of both alignment sums (the denominator stays B*N).
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ class ReARObjective:
     """Callable loss: draws class dropout and perturbation (training only), runs the model, sums the terms."""
 
     def __init__(self, cfg: ObjectiveConfig, model_cfg: ModelConfig):
+        cfg.validate()  # e.g. an unresolved anneal_end: ObjectiveConfig.resolve(optim.total_steps)
         self.cfg = cfg
         self.model_cfg = model_cfg
 
@@ -93,6 +100,10 @@ class ReARObjective:
                 noisy_tokens = tokens
         if noise_mask is None:
             noise_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        P = mcfg.prefix_tokens
+        if P and not cfg.perturb_prefix:  # drawn for all N (same RNG stream either way), then undone
+            noise_mask = torch.cat([torch.zeros_like(noise_mask[:, :P]), noise_mask[:, P:]], dim=1)
+            noisy_tokens = torch.where(noise_mask, noisy_tokens, tokens)
         class_ids = (model.module if hasattr(model, "module") else model).class_token_ids(labels, drop)
 
         logits, enc, dec = model(noisy_tokens, class_ids, encode_align=cfg.encode_align,
@@ -108,10 +119,13 @@ class ReARObjective:
             # As the reference: with one head switched off, the enabled head's features serve both terms.
             enc_feats = (enc if cfg.encode_align else dec).float()
             dec_feats = (dec if cfg.decode_align else enc).float()
-            keep = (~noise_mask).float() if cfg.mask_encode_at_perturbed else torch.ones_like(target[..., 0])
+            aligned = torch.ones_like(target[..., 0])
+            if P and not cfg.align_prefix:
+                aligned[:, :P] = 0.0
+            keep = aligned * (~noise_mask).float() if cfg.mask_encode_at_perturbed else aligned
             # Masked at perturbed inputs but divided by B*N, all positions (as the reference does).
             enc_loss = -(keep * cosine(enc_feats, target)).sum() / (B * N)
-            dec_loss = -cosine(dec_feats, target).sum() / (B * N)
+            dec_loss = -(aligned * cosine(dec_feats, target)).sum() / (B * N)
             loss = loss + cfg.align_weight * (enc_loss + dec_loss)
 
         with torch.no_grad():

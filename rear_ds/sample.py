@@ -1,6 +1,6 @@
 """Generate N class-balanced samples into resumable chunk files: ``python -m rear_ds.sample``.
 
-    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \
+    python -m rear_ds.sample --checkpoint runs/L/export.safetensors --out-dir samples/L_g10 \\
         [--num-samples 50000] [--chunk-size 500] [--batch-size 50] [--guidance-scale 10 ...]
 
 Checkpoints
@@ -49,6 +49,7 @@ from typing import Optional
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.weights import weights_sha256
 
@@ -151,9 +152,10 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
     """Export a DeepSpeed checkpoint once to ``<out_dir>/model_<tag>.safetensors``; -> (file, tag, config dir).
 
     Uses ``rear_ds.export`` (zero_to_fp32 under the hood; it reads the run's own checkpoint files, written
-    by our trainer, never files from elsewhere). Each worker that finds no exported file writes its own
-    temp file and renames it, so concurrent array tasks are safe (if wasteful: export beforehand for
-    big models).
+    by our trainer, never files from elsewhere). Each worker that finds no exported file exports it; the
+    writers take turns on one locked temporary name (:mod:`rear_ds.tmpfile`), so concurrent array tasks
+    are safe (if wasteful: export beforehand for big models) and a killed export leaves no file behind
+    that the next one does not take over.
     """
     from rear_ds.export import ExportError, export, locate
 
@@ -163,15 +165,10 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
         raise SampleError(f"DeepSpeed checkpoint {path!r}: {e}") from None
     out = os.path.join(out_dir, f"model_{tag}.safetensors")
     if not os.path.isfile(out):
-        tmp = f"{out}.tmp.{socket.gethostname()}.{os.getpid()}.safetensors"
         try:
-            export(ckpt_dir, tmp, dtype="fp32", tag=tag)
-            os.replace(tmp, out)
+            export(ckpt_dir, out, dtype="fp32", tag=tag)
         except ExportError as e:
             raise SampleError(f"exporting DeepSpeed checkpoint {ckpt_dir}/{tag} failed: {e}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return out, tag, os.path.join(ckpt_dir, tag)
 
 
@@ -223,7 +220,7 @@ def build_manifest(ckpt: Checkpoint, ckpt_sha: str, tok_sha: str, settings, num_
     """The run description. ``fingerprint`` hashes everything that changes the images (not batch size)."""
     cfg = ckpt.cfg
     sampling = dataclasses.asdict(settings)
-    tokenizer = {k: v for k, v in dataclasses.asdict(cfg.tokenizer).items() if k != "weights"}
+    tokenizer = cfg.tokenizer.architecture()  # not the weights path: tokenizer_sha256 identifies the weights
     identity = {"checkpoint_sha256": ckpt_sha, "tokenizer_sha256": tok_sha, "model": dataclasses.asdict(cfg.model),
                 "tokenizer": tokenizer, "sampling": {k: v for k, v in sampling.items() if k != "batch_size"},
                 "num_samples": num_samples, "chunk_size": chunk_size}
@@ -304,8 +301,7 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.sample", "rear-sample")
     p.add_argument("--checkpoint", required=True,
                    help="exported .safetensors, DeepSpeed run/checkpoints/tag folder, or released weights")
     p.add_argument("--config", default=None, help="config YAML (required for released weights)")
@@ -330,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     g.add_argument("--batch-size", type=int, default=None, help="samples per forward (CFG doubles it)")
     g.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p
@@ -350,12 +346,11 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
                                            num_chunks, remove_stale_tmp, write_chunk)
-    from rear_ds.models.generator import load_generator
+    from rear_ds.models import load_generator
     from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
 
     worker = detect_worker(args.task_id, args.num_tasks)
@@ -419,9 +414,7 @@ def run(args) -> int:
         model = load_generator(ckpt.weights, cfg.model, device=device)
         tokenizer = build_tokenizer(cfg.tokenizer, load_weights=True, device=device)
         n_todo = sum(chunk_range(k, cs, N)[1] - chunk_range(k, cs, N)[0] for k in todo)
-        bar = tqdm(total=n_todo, unit="img", desc=f"sample w{worker.index}/{worker.count}",
-                   disable=args.no_progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                   dynamic_ncols=True)
+        bar = cli.progress(n_todo, f"sample w{worker.index}/{worker.count}", disable=args.no_progress)
         try:
             for k in todo:
                 start, stop = chunk_range(k, cs, N)
@@ -437,9 +430,7 @@ def run(args) -> int:
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["images_generated"] / max(stats["seconds"], 1e-9), 3)
     log_path = os.path.join(out_dir, "logs", f"worker_{worker.index:04d}_of_{worker.count:04d}.json")
-    with open(log_path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(log_path + ".tmp", log_path)
+    write_json_atomic(log_path, stats, sort_keys=False)
     print(f"rear_ds.sample: worker {worker.index} done: wrote {stats['chunks_written']} chunks "
           f"({stats['images_generated']} images, {stats['images_per_s']} img/s), skipped {skipped}",
           file=sys.stderr)

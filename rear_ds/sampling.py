@@ -69,7 +69,7 @@ def generate(model, labels: torch.Tensor, indices: torch.Tensor, seed: int, cfg:
     """
     was_training = model.training
     model.eval()
-    device = model.pos_embed.device
+    device = model.device
     N = model.cfg.num_tokens
     B = labels.shape[0]
     use_cfg = cfg.guidance_scale != 0  # as the reference: scale 0 means no unconditional branch

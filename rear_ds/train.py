@@ -1,13 +1,12 @@
 """Train reAR with DeepSpeed.
 
-    deepspeed rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json --config configs/tiny.yaml \
+    deepspeed rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json --config configs/tiny.yaml \\
         train.out_dir=runs/x train.max_steps=100
     torchrun --nproc_per_node 8 rear_ds/train.py --deepspeed_config ... --config ...
     srun python rear_ds/train.py --deepspeed_config ... --config ...          (rank/world from SLURM_*)
 
 The run folder (train.out_dir) holds config.yaml, ds_config.json, log.jsonl, wandb_id, samples/*.png and
 checkpoints/ (see rear_ds/training/checkpoint.py). A relaunch resumes from checkpoints/latest by itself.
-Exit codes: 0 finished, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue), 1 error.
 
 Precision (train.precision, matching the DeepSpeed JSON): "bf16" keeps the module's weights in bf16 for
 forward/backward with fp32 master weights and fp32 Adam states in the (ZeRO) optimizer; "bf16_autocast"
@@ -17,7 +16,6 @@ gradients are clipped to norm 1.0 by DeepSpeed.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -31,17 +29,42 @@ if __package__ in (None, ""):  # run as a script by the launchers: make `rear_ds
 import numpy as np
 import torch
 
+from rear_ds import cli
 from rear_ds.config import ConfigError, config_json, load_config, save_config
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.training import ds_config as dsc
 from rear_ds.training import launch_env, preflight, signals
 
 log = logging.getLogger("rear_ds")
 
 
+def help_epilog() -> str:
+    """The config sections with the first sentence of their dataclass's docstring, where keys are documented,
+    and the exit codes."""
+    import dataclasses
+
+    from rear_ds import config
+
+    rows = []
+    for f in dataclasses.fields(config.Config):  # f.type is the class name (postponed annotations)
+        first = getattr(config, f.type).__doc__.split(". ")[0].strip().rstrip(".")
+        rows.append(f"  {f.name:10s} {f.type:16s} {first}")
+    sections = "\n".join(rows)
+    return (f"config sections (the YAML's top level; override any key as section.key=value):\n{sections}\n"
+            f"Every key with its default and meaning: the section's dataclass in\n  {config.__file__}\n"
+            f"Worked examples: configs/*.yaml; the README's \"Training\" section explains the choices.\n\n"
+            f"exit codes:\n  {signals.EXIT_OK}   finished\n  {signals.EXIT_PREEMPTED}  stopped by SIGTERM/SIGUSR1 "
+            f"after writing a checkpoint (slurm/train.sh requeues the job)\n  {signals.EXIT_ERROR}   error "
+            f"(a bad config is found before anything is built)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p = cli.parser(__doc__, "rear_ds/train.py", epilog=help_epilog())
+    p.add_argument("--config", required=True,
+                   help="YAML experiment config (configs/*.yaml; a relative path not found here is looked up "
+                   "in the rear_ds checkout)")
+    p.add_argument("--deepspeed_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/*.json, looked up the same way)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; unused")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return p.parse_args(argv)
@@ -61,7 +84,8 @@ def main(argv=None) -> int:
         log.error("launch error: %s", e)
         return signals.EXIT_ERROR
     setup_logging(env.rank)
-    # 1. Everything that can be wrong in the config fails here: no process group, model or data yet.
+    # 1. Everything that can be wrong in the config fails here: no model or data yet, nothing written.
+    cfg, problem = None, None
     try:
         cfg = load_config(args.config, args.overrides, need_data=True)
         preflight.check_paths(cfg)
@@ -74,10 +98,25 @@ def main(argv=None) -> int:
         for note in dsc.precision_warnings(ds_cfg, cfg):
             log.warning("%s", note)
     except ConfigError as e:
-        log.error("config error: %s", e)
+        problem = str(e)
+    if problem and env.world_size == 1:
+        log.error("config error: %s", problem)
+        return signals.EXIT_ERROR
+    # The ranks agree on the checks (a file missing on one node only): all stop, or none waits for the others.
+    from rear_ds.config import TrainConfig
+
+    timeout_s = cfg.train.collective_timeout_s if cfg else TrainConfig.collective_timeout_s
+    device = launch_env.init_distributed(env, timeout_s)
+    problems = launch_env.gather_problems(problem)
+    if problems:
+        log.error("config error: %s", "; ".join(problems) if env.rank == 0 else problem or
+                  f"on other ranks: {'; '.join(problems)}")
         return signals.EXIT_ERROR
     try:
-        return train(cfg, ds_cfg, env)
+        return train(cfg, ds_cfg, env, device)
+    except ConfigError as e:  # found once the ranks can compare (train.out_dir not shared)
+        log.error("config error: %s", e)
+        return signals.EXIT_ERROR
     except Exception as e:
         log.exception("training failed on rank %d", env.rank)
         if env.world_size > 1:  # a timed-out or broken collective: say which peer stopped, if we can tell
@@ -98,17 +137,16 @@ def survival_summary(cfg) -> str:
             f"dead/hung rank -> collective timeout {t.collective_timeout_s} s, exit {signals.EXIT_ERROR}")
 
 
-def train(cfg, ds_cfg: dict, env) -> int:
+def train(cfg, ds_cfg: dict, env, device) -> int:
     import deepspeed
     import torch.distributed as dist
 
     from rear_ds.backends import enable_fast_kernels
     from rear_ds.data.reader import ReaderStateError, build_train_loader
-    from rear_ds.models.generator import count_parameters, flops_per_sample
+    from rear_ds.models import count_parameters, flops_per_sample
     from rear_ds.objective import ReARObjective
     from rear_ds.training import build, checkpoint as ckpt, eval_hook, metrics, optim
 
-    device = launch_env.init_distributed(env, cfg.train.collective_timeout_s)
     enable_fast_kernels()
     signals.install()
     rank, world, t = env.rank, env.world_size, cfg.train
@@ -117,30 +155,32 @@ def train(cfg, ds_cfg: dict, env) -> int:
         os.makedirs(ckpt_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
         ckpt.clean_partial(ckpt_dir)
-    dist.barrier()
+    preflight.check_shared_out_dir(t.out_dir)
     heartbeat = launch_env.Heartbeat(t.out_dir, rank)
     launch_env.watch_for_stalls(heartbeat, t.out_dir, world, stall_s=0.8 * t.collective_timeout_s,
                                 poll_s=min(30.0, t.collective_timeout_s / 20))
 
     # 2. Where do we start? Rank 0 decides for all (file listings can differ between the nodes' NFS
-    # clients for a while). A different process count goes through a universal checkpoint.
+    # clients for a while). Another process count or ZeRO stage (whose files are laid out differently) goes
+    # through a universal checkpoint.
     found = [ckpt.find_resume(ckpt_dir) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
     resume = found[0]
     load_tag = resume.tag if resume else None
+    stage = dsc.zero_stage(ds_cfg)
     if resume:  # DeepSpeed unpickles with weights_only=False: refuse files that would run code
         ckpt.verify_no_code_on_all_ranks(os.path.join(ckpt_dir, resume.tag))
-    if resume and resume.world_size != world:
+    relayout = [f"{what} changed ({was} -> {now})" for what, was, now in (
+        ("process count", resume.world_size, world), ("ZeRO stage", resume.zero_stage, stage)) if was != now] \
+        if resume else []
+    if relayout:
+        log.info("%s: resuming through a universal checkpoint", "; ".join(relayout))
         load_tag = ckpt.ensure_universal(ckpt_dir, resume.tag)
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if rank == 0:
-        dsc_path = os.path.join(t.out_dir, "ds_config.json")
-        with open(dsc_path, "w") as f:
-            import json
-            json.dump(ds_cfg, f, indent=2)
+        write_json_atomic(os.path.join(t.out_dir, "ds_config.json"), ds_cfg, sort_keys=False)
 
     # 3. Model, optimizer, schedule. Same init on every rank; then per-rank streams for dropout.
-    stage = dsc.zero_stage(ds_cfg)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -166,20 +206,22 @@ def train(cfg, ds_cfg: dict, env) -> int:
         optim.place_optimizer_state(engine.optimizer)  # e.g. a universal checkpoint's CPU `step` tensors
         step, samples_seen = int(client["step"]), int(client["samples_seen"])
         wandb_id, saved_world = client.get("wandb_id"), client.get("world_size")
-        mine = ckpt.own_rank_state(client, rank, world)
+        mine = ckpt.own_rank_state(client, rank, world, universal=bool(relayout))
         log.info("resumed from %s: step %d, %d samples seen%s", os.path.join(ckpt_dir, load_tag), step,
-                 samples_seen, f" (universal checkpoint: {resume.world_size} -> {world} processes)"
-                 if load_tag != resume.tag else "")
+                 samples_seen, f" (universal checkpoint: {resume.world_size} -> {world} processes, ZeRO "
+                 f"{resume.zero_stage} -> {stage})" if relayout else "")
     else:
         log.info("no complete checkpoint in %s: starting from scratch", ckpt_dir)
     exact = mine is not None
     # An exact resume continues the saved streams, with the seed they were started from (t.seed, or
     # t.seed + k after an earlier change of process count). When they cannot be continued (another process
-    # count, data.num_workers, shards, ...), fresh data/RNG streams start from a seed that depends on the step
-    # (so no data is replayed in the same order), and the log says why.
+    # count or micro-batch, shards, data.num_workers of the resampled order, ...), the epoch order continues at
+    # its global position, other streams start from a seed that depends on the step (so no data is replayed in
+    # the same order), and the log says why.
     data_seed = mine["reader"]["layout"]["seed"] if exact else t.seed + step if resume else t.seed
     loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
-    why_not_exact = None if exact or not resume else f"process count changed ({saved_world} -> {world})"
+    why_not_exact = None if exact or not resume else "; ".join(relayout) or \
+        f"process count changed ({saved_world} -> {world})"
     if exact:
         try:
             loader.load_state_dict(mine["reader"])
@@ -187,12 +229,15 @@ def train(cfg, ds_cfg: dict, env) -> int:
             exact, why_not_exact, data_seed = False, str(e), t.seed + step
             loader.close()
             loader = build_train_loader(cfg.data, cfg.model, rank, world, data_seed, t.micro_batch_size)
-    if why_not_exact:
-        log.warning("%s: data order and RNG streams restart from seed %d", why_not_exact, data_seed)
+    if why_not_exact:  # the epoch order continues at its global position (each sample still once per epoch)
+        why_data = loader.continue_from(client.get("data_position"))
+        log.warning("%s: %s; RNG streams restart from seed %d", why_not_exact, "data order restarts from seed "
+                    f"{data_seed} ({why_data})" if why_data else f"the data order continues at sample "
+                    f"{loader.position()['position']} of its global order", data_seed)
 
     global_batch = t.micro_batch_size * t.grad_accum * world
     flops = flops_per_sample(cfg.model)
-    norm_cls = type(model.blocks[0].norm1)  # torch's LayerNorm or apex's (build.choose_layernorm)
+    norm_cls = type(model.blocks[0].norm1)  # the family's norm_layer_for choice (e.g. apex's LayerNorm)
     run_info = {"world_size": world, "launcher": env.launcher, "device": str(device), "zero_stage": stage,
                 "precision": t.precision, "optimizer_impl": opt_impl,
                 "layernorm_impl": f"{norm_cls.__module__}.{norm_cls.__name__}",
@@ -212,6 +257,7 @@ def train(cfg, ds_cfg: dict, env) -> int:
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
         client = {"step": step, "samples_seen": samples_seen, "wandb_id": wandb_id, "world_size": world,
+                  "data_position": loader.position(),
                   "universal_checkpoint_info": {}, **ckpt.rank_state_entry(local, stage),
                   "rear_config": cfg.to_dict()}
         meta = {"world_size": world, "zero_stage": stage, "samples_seen": samples_seen}
@@ -286,26 +332,28 @@ def train(cfg, ds_cfg: dict, env) -> int:
                 log.info("step %d | in-training FID (%d samples) %.3f", step, t.eval_num_samples, fid)
                 logger.log_step({"step": step, f"fid_{t.eval_num_samples}": fid})
         stopped = stop_flag.poll()
+        if stopped and step == t.max_steps:  # the work is done: a requeue would only start and stop again
+            log.warning("stop signal seen at the last step %d: finishing normally (exit 0)", step)
+            stopped = False
         if stopped or step % t.ckpt_every == 0 or step == t.max_steps:
             ok = save_checkpoint()
             if not ok and (stopped or step == t.max_steps):
                 log.error("the final checkpoint could not be written; exiting with an error")
-                logger.close()
                 return signals.EXIT_ERROR
         if stopped:
             log.warning("stopped by signal at step %d after writing the checkpoint; exit %d", step,
                         signals.EXIT_PREEMPTED)
             break
 
+    # slurm/train.sh also reads this event: an exit after it that is not 75 (a teardown abort) still requeues
     logger.write({"event": "stop" if stopped else "finished", "step": step})
-    logger.close()
-    dist.barrier()
-    return signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
+    dist.barrier()  # the last collective: what follows (W&B's upload on rank 0, the exit) waits for no rank
+    heartbeat.last_beat = 0.0  # nothing for the stall watch to report while rank 0 finishes W&B and deletions
+    loader.close()
+    code = signals.EXIT_PREEMPTED if stopped else signals.EXIT_OK
+    logger.close(exit_code=code)
+    return code
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        launch_env.shutdown()
-    sys.exit(code)
+    launch_env.run_and_exit(main)  # os._exit after the last collective: no teardown abort (see exit_process)

@@ -3,7 +3,7 @@
 # that order) as Slurm jobs chained with --dependency=afterok, and print their job ids.
 #
 #   slurm/submit_chain.sh \
-#       tokenize: --config configs/rear_b.yaml --input /data/imagenet/train --output data/shards \
+#       tokenize: --config configs/rear_b.yaml --input /data/imagenet/train --out data/shards \
 #       train:    --config configs/rear_b.yaml --deepspeed_config ds_configs/zero2_bf16.json data.shards=data/shards \
 #       sample:   --config configs/rear_b.yaml --out-dir runs/rear_b/samples --num-samples 50000 \
 #       evaluate: --reference ref/VIRTUAL_imagenet256.npz --inception-weights ref/pt_inception.pth --out runs/rear_b/eval

@@ -16,10 +16,11 @@
 # Launch model: `srun` starts ONE PROCESS PER GPU (no torchrun/deepspeed launcher, no ssh, no hostfile).
 # Each process gets RANK=$SLURM_PROCID, LOCAL_RANK=$SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR (first node of the allocation) and MASTER_PORT (derived from the job id, so two jobs that
-# share a node do not collide); DeepSpeed's init_distributed reads those. Every process sees all GPUs of
-# its node and picks cuda:LOCAL_RANK (where the site binds one GPU per task, e.g. --gpus-per-task=1 or
-# --gpu-bind=single:1 in its defaults, each process sees only its own, as cuda:0, and uses that). Why not one torchrun per node: srun then owns every rank, so Slurm's
-# signals, --kill-on-bad-exit semantics and per-rank accounting apply to the real training processes.
+# share a node do not collide); DeepSpeed's init_distributed reads those. The processes of a node agree at
+# start-up on one GPU each among those they see, so any binding works: all GPUs visible (cuda:LOCAL_RANK),
+# one per task (--gpus-per-task=1, --gpu-bind=single:1: cuda:0), or a socket's GPUs (--gpu-bind=closest).
+# Why not one torchrun per node: srun then owns every rank, so Slurm's signals, --kill-on-bad-exit semantics
+# and per-rank accounting apply to the real training processes.
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this batch shell (--signal=B:USR1@600, ten minutes before
 # the time limit); the shell forwards it to the srun step; training writes a checkpoint and exits 75; the
@@ -55,8 +56,9 @@
 #   MAX_REQUEUES     stop requeueing after this many restarts (guards against a loop) [50]
 #   DRY_RUN          1 = print nodes, world size, per-GPU batch and the exact command; start nothing [0]
 #
-# Exit status: the training step's (0 done, 75 checkpointed and stopped, 1 error); 0 after a self-requeue;
-# 2 for a bad setup found before launching (missing config, tasks/GPUs mismatch, ...).
+# Exit status: the training step's (0 done, 75 checkpointed and stopped, 1 error; a non-zero status after the
+# run log's final "finished" / "stop" event counts as 0 / 75); 0 after a self-requeue; 2 for a bad setup found
+# before launching (missing config, tasks/GPUs mismatch, ...).
 
 #SBATCH --job-name=rear-train
 #SBATCH --nodes=1
@@ -235,6 +237,11 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
+# Where this launch's records start in the run log: its final event tells what training did, whatever the
+# exit status of its teardown says (see below).
+RUN_LOG="$RUN_DIR/log.jsonl"
+log_start=$(stat -c %s "$RUN_LOG" 2>/dev/null || echo 0)
+
 "${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}" &
 STEP_PID=$!
 while :; do
@@ -245,6 +252,17 @@ while :; do
     break
 done
 log "training step exited with $rc"
+
+# Training writes {"event": "stop"} after its preemption checkpoint and {"event": "finished"} after its final
+# one, each right before its last collective. A process that dies after that point (an abort in its teardown:
+# srun reports 134) must not end the requeue chain or fail a finished job.
+last_event=$(tail -c +"$((log_start + 1))" "$RUN_LOG" 2>/dev/null | grep -o '"event": "[a-z]*"' | tail -n 1 || true)
+if [ "$rc" != 0 ] && [ "$rc" != 75 ]; then
+    case "$last_event" in
+        *'"stop"') log "exit $rc after the run log's final 'stop' event (checkpoint written): treated as 75"; rc=75 ;;
+        *'"finished"') log "exit $rc after the run log's final 'finished' event: treated as 0"; rc=0 ;;
+    esac
+fi
 
 if [ "$rc" = 75 ] && [ "$GOT_TERM" = 0 ]; then
     restarts=${SLURM_RESTART_COUNT:-0}

@@ -43,23 +43,10 @@ def tiny_model(tiny_cfg):
     return model.eval()
 
 
-SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
-_shm_before: set = set()
-
-
-def pytest_sessionstart(session):
-    import glob
-
-    _shm_before.update(glob.glob(SHM_PATTERN))
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Processes the tests kill on purpose never unlink DeepSpeed's CPU all-reduce buffers (66 MiB each in
-    /dev/shm, i.e. RAM); remove the ones this session created so repeated runs do not exhaust memory."""
-    import glob
+    /dev/shm, i.e. RAM): remove the ones no process holds any more, so repeated runs do not exhaust memory. Never
+    one a process holds: it may belong to a run of another session on this machine, starting up right now."""
+    from rear_ds.training.launch_env import remove_orphaned_shm_buffers
 
-    for path in set(glob.glob(SHM_PATTERN)) - _shm_before:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    remove_orphaned_shm_buffers()

@@ -47,7 +47,7 @@ def build_phase(specs: list, env) -> None:
     import torch.distributed as dist
 
     from rear_ds.config import load_config
-    from rear_ds.models.generator import count_parameters
+    from rear_ds.models import count_parameters
     from rear_ds.training import build
     from rear_ds.training import ds_config as dsc
 
@@ -116,7 +116,4 @@ def main():
 if __name__ == "__main__":
     from rear_ds.training import launch_env
 
-    try:
-        main()
-    finally:
-        launch_env.shutdown()
+    launch_env.run_and_exit(main)

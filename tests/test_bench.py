@@ -11,7 +11,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPECTED_SECTIONS = {"train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile"}
+EXPECTED_SECTIONS = {"train", "memory", "zero", "sampling", "data", "tokenize", "profile", "compile", "alitok"}
 
 
 def _run(tmp_path, *args, timeout=300):
@@ -49,7 +49,7 @@ def test_eager_reference_matches_the_model_and_loss():
     noisy = tokens.clone()
     noisy[0, 3] = (noisy[0, 3] + 1) % cfg.codebook_size
     mask, drop = noisy != tokens, torch.tensor([True, False, False])
-    ocfg = ObjectiveConfig()
+    ocfg = ObjectiveConfig(anneal_end=187_500)
     ref, _ = ReARObjective(ocfg, cfg)(gen, tokens, labels, codebook, 0, noisy_tokens=noisy, noise_mask=mask, drop=drop)
     got = eager_loss(eager, ocfg, tokens, labels, codebook, 1.0, noisy_tokens=noisy, noise_mask=mask, drop=drop)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -126,6 +126,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert S["profile"]["top_ops"] and S["profile"]["families"]
     assert S["compile"]["status"] == "ok" and S["compile"]["block_train_bf16"]["graph_count"] >= 1
     assert S["zero"]["status"] == "skipped"
+    a = S["alitok"]["results"]  # the official AliTok rows run with $ALITOK_REPO, else say why they did not
+    for r in a["step_vs_official"] + a["sampling_vs_official"]:
+        assert ("skipped" in r and "ALITOK_REPO" in r["skipped"]) or _finite_positive(r["alitok_over_official"]["median"])
+    assert a["memory"][0]["modes"]["off"]["activation_bytes"] > a["memory"][0]["modes"]["all"]["activation_bytes"] > 0
+    assert "reAR-AliTok vs the official AliTok code" in md
     for key in ("ckpt_activation_memory", "vs_eager", "kv_cache_speedup", "reader_vs_step", "mfu_l"):
         assert key in doc["targets"], key
     assert "### CPU run" in md or "### GPU run" in md

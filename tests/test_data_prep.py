@@ -172,6 +172,8 @@ def read_tar(path):
     samples = {}
     with tarfile.open(path) as tf:
         for m in tf:
+            if m.name.startswith("__") and m.name.endswith("__"):  # metadata to webdataset: __rear_index__
+                continue
             key, _, ext = m.name.partition(".")
             samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
     return samples

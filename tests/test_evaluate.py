@@ -261,3 +261,101 @@ def test_token_shard_reference_is_decoded(samples, tmp_path):
         expected = (tok.decode(torch.from_numpy(grids[:4].astype(np.int64))).clamp(0, 1) * 255).byte()
     assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
     assert np.array_equal(images, expected.permute(0, 2, 3, 1).numpy())
+
+
+def wandb_records(run_file: str) -> list:
+    """The records of a W&B offline run file (``run-<id>.wandb``: a LevelDB-style log of 32 KiB blocks whose
+    chunks are framed as crc32, length, type; after a 7-byte ":W&B" header), as protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, out, pos, buf = open(run_file, "rb").read(), [], 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def test_results_go_to_the_training_runs_wandb_offline(samples, inception, tmp_path, monkeypatch):
+    """--wandb-run RUN_DIR resumes the training run's W&B run (its id and project) in offline mode, with no
+    network: the metrics land in that run as eval/*; WANDB_MODE=disabled writes nothing."""
+    import _socket
+    import glob
+    import shutil
+
+    from rear_ds.evaluate import checkpoint_step, main
+    from rear_ds.training.metrics import log_to_wandb_run, wandb_run_of
+
+    def local_only(sock, address):  # W&B talks to its own local service process; nothing else may connect
+        if sock.family == socket.AF_UNIX or address[0] in ("127.0.0.1", "localhost", "::1"):
+            return _socket.socket.connect(sock, address)
+        raise AssertionError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    run_dir = tmp_path / "train_run"
+    run_dir.mkdir()
+    (run_dir / "wandb_id").write_text("evaltest0001\n")
+    (run_dir / "config.yaml").write_text("wandb:\n  enabled: true\n  project: rear_eval_test\n  mode: ''\n")
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=np.clip(samples["images"].astype(np.int16) + 40, 0, 255).astype(np.uint8))
+    argv = ["--samples", samples["dir"], "--reference", ref, "--inception-weights", inception, "--no-adm-npz",
+            "--is-splits", "2", "--batch-size", "10", "--wandb-run", str(run_dir)]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(argv + ["--out", str(tmp_path / "eval")]) == 0
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert results["wandb"] == {"id": "evaltest0001", "project": "rear_eval_test", "mode": "offline"}
+
+    def logged_runs(folder) -> list:
+        """[(run id, project, {key: value} of its history)] of the offline runs in a run folder."""
+        out = []
+        for run_file in glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb")):
+            records = wandb_records(run_file)
+            run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+            history = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                       for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
+            out.append((run.run_id, run.project, history))
+        return out
+
+    [(run_id, project, logged)] = logged_runs(run_dir)
+    assert (run_id, project) == ("evaltest0001", "rear_eval_test")
+    assert logged["eval/fid"] == pytest.approx(results["metrics"]["fid"], rel=1e-9) and logged["eval/fid"] > 1
+    assert logged["eval/inception_score_mean"] == pytest.approx(results["metrics"]["inception_score_mean"])
+    assert logged["eval/num_samples"] == N and logged["eval/recall"] == pytest.approx(results["metrics"]["recall"])
+    assert "train/step" not in logged and checkpoint_step(samples["ckpt"]) is None  # no step in this file's metadata
+    # A checkpoint with its step: the values are plotted against the training step.
+    other = tmp_path / "other_run"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("wandb"))
+    log_to_wandb_run(wandb_run_of(str(other)), {"fid": 7.5}, 1234, "eval")
+    [(run_id, _, logged)] = logged_runs(other)
+    assert run_id == "evaltest0001" and (logged["eval/fid"], logged["train/step"]) == (7.5, 1234)
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(argv + ["--out", str(tmp_path / "eval2")]) == 0
+    assert json.load(open(tmp_path / "eval2" / "results.json"))["wandb"]["mode"] == "disabled"
+    assert len(glob.glob(str(run_dir / "wandb" / "offline-run-*"))) == 1  # nothing new written
+
+    (run_dir / "wandb_id").unlink()  # not a W&B run: a clear error before any work
+    assert main(argv + ["--out", str(tmp_path / "eval3")]) == 1
+    assert not os.path.exists(tmp_path / "eval3")
+
+
+def test_checkpoint_step_comes_from_the_exported_metadata(tmp_path):
+    from rear_ds.evaluate import checkpoint_step
+    from rear_ds.models.weights import save_safetensors
+
+    path = str(tmp_path / "m.safetensors")
+    save_safetensors({"w": torch.zeros(2)}, path, metadata={"step": "1234"})
+    assert checkpoint_step(path) == 1234
+    save_safetensors({"w": torch.zeros(2)}, path, metadata={"step": ""})  # an export of an unknown step
+    assert checkpoint_step(path) is None
+    assert checkpoint_step(str(tmp_path / "gone.safetensors")) is None

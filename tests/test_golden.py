@@ -7,6 +7,7 @@ To regenerate after an intended change: ``python -m rear_ds.demo --golden --rege
 (see tests/golden/GOLDEN.md).
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,9 @@ def test_golden_run_reproduces_losses(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "golden run matches" in res.stdout
+    # The trainer's progress lines reach the demo's screen as they come (the demo keeps the rest in its logs).
+    assert re.search(r"^    step 30/30 \| eta \S+ \| loss \d+\.\d+ \| samples_per_s [\d.]+ \| mfu n/a$", res.stdout, re.M), \
+        res.stdout[-3000:]
 
 
 def test_compare_flags_a_changed_loss(tmp_path):

@@ -89,14 +89,14 @@ def test_loss_terms_by_hand():
 def test_switches_give_the_plain_ar_baseline():
     mcfg, codebook, tokens, labels, logits, enc, dec = make_case()
     model = FixedModel(logits, None, None, mcfg)
-    cfg = ObjectiveConfig(noisy_context=False, encode_align=False, decode_align=False, class_dropout=0.0)
+    cfg = ObjectiveConfig(noisy_context=False, encode_align=False, decode_align=False, class_dropout=0.0, anneal_end=10)
     loss, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, step=0)
     assert torch.equal(model.calls[0][0], tokens) and model.calls[0][2:] == (False, False)
     assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 4), tokens.reshape(-1)).item())
     assert m["rho"].item() == 0.0
     # Encode masking can be switched off (the paper's wording): then all positions count.
     model = FixedModel(logits, enc, dec, mcfg)
-    cfg = ObjectiveConfig(mask_encode_at_perturbed=False, class_dropout=0.0)
+    cfg = ObjectiveConfig(mask_encode_at_perturbed=False, class_dropout=0.0, anneal_end=10)
     noise = torch.tensor([[False, False, True], [False, True, False]])
     _, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, step=0, noisy_tokens=tokens, noise_mask=noise)
     assert m["enc_align"].item() == pytest.approx(-5.0 / 6, abs=1e-6)
@@ -156,14 +156,14 @@ def test_one_head_serves_both_terms_as_in_the_reference():
     ce = F.cross_entropy(logits.reshape(-1, 4), tokens.reshape(-1)).item()
     # Decode head only: dec features give cos -1 everywhere except (1, 2) = 1/sqrt(2).
     model = FixedModel(logits, None, dec, mcfg)
-    cfg = ObjectiveConfig(encode_align=False, class_dropout=0.0)
+    cfg = ObjectiveConfig(encode_align=False, class_dropout=0.0, anneal_end=10)
     loss, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, 0, noisy_tokens=tokens, noise_mask=noise)
     assert model.calls[0][2:] == (False, True)
     assert m["enc_align"].item() == pytest.approx(-(-3.0 + 1 / math.sqrt(2)) / 6, abs=1e-6)  # unmasked: 4 positions
     assert m["dec_align"].item() == pytest.approx(-(-5.0 + 1 / math.sqrt(2)) / 6, abs=1e-6)
     # Encode head only: enc features (cos 1, except (0, 1) = 0) serve the unmasked decode term too.
     model = FixedModel(logits, enc, None, mcfg)
-    cfg = ObjectiveConfig(decode_align=False, class_dropout=0.0)
+    cfg = ObjectiveConfig(decode_align=False, class_dropout=0.0, anneal_end=10)
     loss, m = ReARObjective(cfg, mcfg)(model, tokens, labels, codebook, 0, noisy_tokens=tokens, noise_mask=noise)
     assert m["enc_align"].item() == pytest.approx(-3.0 / 6, abs=1e-6)
     assert m["dec_align"].item() == pytest.approx(-5.0 / 6, abs=1e-6)

@@ -260,7 +260,12 @@ while step < max_steps:
                 f.write(str(step))
             os.replace(latest + ".tmp", latest)
         if stop:
+            if rank == 0:
+                with open(os.path.join(out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"event": "stop", "step": step}) + "\n")
             print(f"fake-train rank {rank}: signal {stop[0]} at step {step}, checkpoint written", flush=True)
+            if rank == 0 and os.environ.get("FAKE_ABORT_AFTER_STOP"):
+                os.abort()  # a real SIGABRT in the teardown, after the checkpoint and the "stop" event
             sys.exit(75)
 print(f"fake-train rank {rank}: done at step {step}", flush=True)
 '''
@@ -297,16 +302,19 @@ def test_train_two_tasks_stub(slurm_cluster, tmp_path, fake_train):
     assert log_steps(run) == [1, 2, 3, 4] and (run / "checkpoints/latest").read_text() == "4"
 
 
-@pytest.mark.parametrize("how", ["usr1", "requeue"])
+@pytest.mark.parametrize("how", ["usr1", "usr1-abort", "requeue"])
 def test_train_preemption_stub(slurm_cluster, tmp_path, fake_train, how):
     """Warning signal (scancel --signal=USR1 --batch) -> checkpoint, exit 75, self-requeue; or an external
-    `scontrol requeue` (SIGTERM). Either way the same job id runs again and resumes from the checkpoint."""
+    `scontrol requeue` (SIGTERM). Either way the same job id runs again and resumes from the checkpoint.
+    usr1-abort: rank 0 aborts (SIGABRT, srun reports 134) after its checkpoint and the run log's "stop" event,
+    as a teardown abort would: the script trusts the event and requeues all the same (issue 19 item 4)."""
     args, env = fake_train
     run = tmp_path / "run"
+    abort = {"FAKE_ABORT_AFTER_STOP": "1"} if how == "usr1-abort" else {}
     jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh", *args, "train.max_steps=25"],
-                 tmp_path, {**env, "RUN_DIR": str(run)})
+                 tmp_path, {**env, "RUN_DIR": str(run), **abort})
     wait_for(lambda: (run / "log.jsonl").exists() and len(log_steps(run)) >= 3, 90, "3 training steps")
-    if how == "usr1":
+    if how.startswith("usr1"):
         subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
     else:
         subprocess.run(["scontrol", "requeue", jid], check=True)
@@ -320,8 +328,10 @@ def test_train_preemption_stub(slurm_cluster, tmp_path, fake_train, how):
     steps = log_steps(run)
     assert steps == list(range(1, 26)), steps  # resumed exactly where it stopped, same final step
     err = (tmp_path / f"slurm-rear-train-{jid}.err").read_text()
-    if how == "usr1":
+    if how.startswith("usr1"):
         assert "requeueing job" in err
+        if how == "usr1-abort":
+            assert "exit 134 after the run log's final 'stop' event (checkpoint written): treated as 75" in err, err
     else:
         assert "SIGTERM" in err and "requeueing job" not in err
 

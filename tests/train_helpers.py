@@ -28,9 +28,9 @@ def base_overrides(out_dir: str, data: str, max_steps: int, *extra: str) -> list
 
 
 def command(ds_json: str, overrides: list, nproc: int = 2, launcher: str = "deepspeed",
-            script: str = TRAIN) -> list:
+            script: str = TRAIN, config: str = "tiny.yaml") -> list:
     ds = os.path.join(ROOT, "ds_configs", ds_json)
-    args = ["--deepspeed_config", ds, "--config", os.path.join(ROOT, "configs", "tiny.yaml"), *overrides]
+    args = ["--deepspeed_config", ds, "--config", os.path.join(ROOT, "configs", config), *overrides]
     if launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
     if launcher == "torchrun":
@@ -58,6 +58,13 @@ def losses(out_dir: str) -> dict:
     from rear_ds.training.metrics import read_run_log
 
     return read_run_log(out_dir)[0]
+
+
+def read_events(out_dir: str) -> list:
+    """The event records of log.jsonl (start, finished, stop) in order."""
+    from rear_ds.training.metrics import read_run_log
+
+    return read_run_log(out_dir)[1]
 
 
 def workers(launcher_pid: int) -> dict:

@@ -59,7 +59,4 @@ def main() -> None:
 if __name__ == "__main__":
     from rear_ds.training import launch_env
 
-    try:
-        main()
-    finally:
-        launch_env.shutdown()
+    launch_env.run_and_exit(main)

@@ -14,6 +14,14 @@ from PIL import Image, ImageFile
 
 # Truncated files must fail loudly (and be listed as skipped), never be half-decoded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The formats ImageNet-style data comes in. Everything else is refused before a decoder runs: PIL would
+# otherwise pick a plugin by content, whatever the name (an EPS file named .JPEG runs Ghostscript).
+# TIFF stays: Pillow decodes it itself, and it is the lossless format that holds CMYK scans.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# The ADM crop scales the short side to the crop size, so a 1 x W image becomes size x (size * W): a
+# 200-byte 1 x 40,000 PNG would need 25 GB at 256. Longer/shorter side above this ratio is skipped
+# (the upscaled image stays under size^2 * 50 pixels: 9.8 MB at 256).
+MAX_ASPECT_RATIO = 50
 
 VIEW_MODES = {
     "center": ["center"],
@@ -42,12 +50,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
-    """ADM center crop (guided-diffusion ``center_crop_arr``), bit-exact.
+def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
+    """ADM center crop (guided-diffusion ``center_crop_arr``), bit-exact; uint8 HWC array.
 
     While the short side is >= 2*size, halve with BOX; then resize so the short side is ``size``
-    (BICUBIC, sizes rounded); then crop the centre (offsets floored).
+    (BICUBIC, sizes rounded); then crop the centre (offsets floored). An image more than
+    ``MAX_ASPECT_RATIO`` times longer than wide (or the reverse) raises ValueError before any resize.
     """
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"too elongated: {w}x{h} (aspect ratio above {MAX_ASPECT_RATIO}; the ADM crop would "
+                         f"upscale it to about {size}x{size * max(w, h) // max(min(w, h), 1)} pixels)")
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -55,7 +68,7 @@ def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
     arr = np.array(img)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
-    return Image.fromarray(arr[top: top + size, left: left + size])
+    return arr[top: top + size, left: left + size]
 
 
 def _five_crop(arr: np.ndarray, size: int) -> list:
@@ -72,10 +85,10 @@ def make_views(img: Image.Image, size: int, mode: str = "center+flip") -> np.nda
         raise ValueError(f"views={mode!r}: expected one of {sorted(VIEW_MODES)}")
     img = to_rgb(img)
     if mode == "ten-crop":
-        arr = np.asarray(center_crop_arr(img, int(size * TEN_CROP_RATIO)))
+        arr = center_crop_arr(img, int(size * TEN_CROP_RATIO))
         out = _five_crop(arr, size) + _five_crop(arr[:, ::-1], size)
     else:
-        arr = np.asarray(center_crop_arr(img, size))
+        arr = center_crop_arr(img, size)
         out = [arr] if mode == "center" else [arr, arr[:, ::-1]]
     return np.ascontiguousarray(np.stack(out))
 
@@ -87,18 +100,20 @@ def to_float_batch(views: np.ndarray) -> torch.Tensor:
 
 
 def load_image(data: bytes, min_size: int = 0) -> Image.Image:
-    """Decode image bytes fully (so truncation is detected here); raise ValueError for bad input."""
+    """Decode image bytes fully (so truncation is detected here); raise ValueError for bad input.
+
+    Only ``IMAGE_FORMATS`` are tried, whatever the content claims to be."""
     import io
 
     if len(data) == 0:
         raise ValueError("zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         img.load()
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ValueError("not an image (PIL cannot identify it)") from None
+        raise ValueError(f"not an image in an accepted format ({', '.join(IMAGE_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
         raise ValueError(f"{kind} image: {e}") from None

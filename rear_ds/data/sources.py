@@ -9,19 +9,30 @@ names such as ``../evil`` or ``/abs`` cannot escape anywhere.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import stat
+import sys
 import tarfile
+import time
+from array import array
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+import numpy as np
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 class InputError(ValueError):
     """The input path or class-index file is unusable (raised before any work starts)."""
+
+
+class TransientReadError(RuntimeError):
+    """Reading an input failed with an error that may go away (EIO, ESTALE, a timeout) on every attempt."""
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,115 @@ class SourceListing:
                 "listing_sha256": self.fingerprint()}
 
 
-def read_bytes(item: InputItem) -> bytes:
-    """The raw bytes of one input (used inside decode workers)."""
-    with open(item.path, "rb") as f:
-        if item.offset >= 0:
+# Errors that say the file itself is bad: rereading cannot help, so the input is skipped and listed.
+# Any other OSError (EIO, ESTALE, ETIMEDOUT, EAGAIN, ENOMEM, EMFILE ...) may be a passing fault of the disk
+# or the network file system: it is retried, and if it persists the job stops instead of losing the input.
+PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                    errno.ENAMETOOLONG, errno.EINVAL, errno.ENXIO, errno.ENODEV, errno.EFBIG, errno.EOVERFLOW}
+READ_ATTEMPTS = 4
+RETRY_WAIT_S = 1.0  # before the 2nd attempt; doubled each time (1 + 2 + 4 s in all)
+
+
+def _read_once(item: InputItem) -> bytes:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses anything but a regular file
+    fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"not a regular file ({_file_kind(st.st_mode)})")
+        if item.offset >= 0:  # a tar member: never more than the file holds, whatever its header claims
             f.seek(item.offset)
-            return f.read(item.size)
+            return f.read(max(0, min(item.size, st.st_size - item.offset)))
         return f.read()
+
+
+def read_bytes(item: InputItem, attempts: int = READ_ATTEMPTS, wait: Callable = time.sleep) -> bytes:
+    """The raw bytes of one input (used inside decode workers).
+
+    Raises ValueError when the input itself is unreadable (missing, no permission, not a regular file:
+    skip it) and TransientReadError when another OS error persisted over ``attempts`` reads, ``wait(s)``
+    apart (1, 2, 4 s): the caller must not treat that input as bad."""
+    for attempt in range(attempts):
+        try:
+            return _read_once(item)
+        except OSError as e:
+            if e.errno in PERMANENT_ERRNOS:
+                raise ValueError(f"unreadable: {e.strerror or e}") from None
+            if attempt + 1 == attempts:
+                raise TransientReadError(f"{item.path}: {e} (errno {errno.errorcode.get(e.errno, e.errno)}, "
+                                         f"{attempts} attempts)") from None
+            print(f"warning: reading {item.path} failed ({e}); retrying", file=sys.stderr, flush=True)
+            wait(RETRY_WAIT_S * 2 ** attempt)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def walk_files(top: str, rel_to: str) -> tuple:
+    """Files under ``top``, recursively, following symbolic links, each file and folder once.
+
+    Returns ``(files, problems)``: sorted paths, and ``(path, reason)`` for what is not listed: a link
+    to a folder already reached (a symlink loop such as ``cls/loop -> .`` would otherwise list every file
+    again under new names, and two such links would never finish), a second path to a file (a symbolic
+    or hard link: the first in walk order is kept), a broken link, anything that is not a regular file
+    (a FIFO would block its reader), a folder that cannot be listed. Hidden entries (``.*``) are ignored;
+    paths in messages are relative to ``rel_to``. Costs no system call per plain file (d_type, d_ino).
+    """
+    rel = lambda p: os.path.relpath(p, rel_to)  # noqa: E731
+    st = os.stat(top)
+    folders = {(st.st_dev, st.st_ino): top}  # (st_dev, st_ino) -> path, for the few folders
+    files, devs, inos, problems = [], array("Q"), array("Q"), []  # files: 16 bytes each for the duplicate check
+    stack = [(top, st.st_dev)]
+    while stack:
+        folder, dev = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            if e.errno not in PERMANENT_ERRNOS:
+                raise InputError(f"cannot list folder {folder!r}: {e}") from None
+            problems.append((folder, f"folder cannot be listed: {e.strerror}"))
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_symlink() or e.is_dir(follow_symlinks=False):  # a link's target; a mount point's device
+                    st = os.stat(e.path)
+                    key, mode = (st.st_dev, st.st_ino), st.st_mode
+                else:
+                    key = (dev, e.inode())
+                    mode = stat.S_IFREG if e.is_file(follow_symlinks=False) else e.stat(follow_symlinks=False).st_mode
+            except OSError as err:
+                if err.errno not in PERMANENT_ERRNOS:
+                    raise InputError(f"cannot list {e.path!r}: {err}") from None
+                problems.append((e.path, "broken symbolic link" if err.errno == errno.ENOENT else
+                                 f"unusable: {err.strerror}"))
+                continue
+            if stat.S_ISDIR(mode):
+                if key in folders:
+                    problems.append((e.path, f"link to the folder {rel(folders[key])!r}, already listed: not followed"))
+                else:
+                    folders[key] = e.path
+                    subdirs.append((e.path, key[0]))
+            elif stat.S_ISREG(mode):
+                files.append(e.path)
+                devs.append(key[0])
+                inos.append(key[1])
+            else:
+                problems.append((e.path, f"not a regular file ({_file_kind(mode)})"))
+        stack.extend(reversed(subdirs))
+    if files:  # one file reached by two paths: keep the first
+        keys = np.stack([np.frombuffer(devs, dtype=np.uint64), np.frombuffer(inos, dtype=np.uint64)], axis=1)
+        _, first_index, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        first = first_index[inverse.reshape(-1)]
+        keep = first == np.arange(len(files))
+        for i in np.flatnonzero(~keep):
+            problems.append((files[i], f"the same file as {rel(files[first[i]])!r} (a link): listed once"))
+        files = [f for f, k in zip(files, keep) if k]
+    return sorted(files), problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +205,10 @@ def load_class_index(path: str) -> dict:
     return {name: i for i, name in enumerate(names)}
 
 
+def _rel(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
 def list_folder(root: str, class_index_file: str = "") -> SourceListing:
     """ImageNet-style ``root/<class>/**/<file>``; class index = sorted folder order (ImageFolder).
 
@@ -110,16 +227,19 @@ def list_folder(root: str, class_index_file: str = "") -> SourceListing:
         if missing:
             raise InputError(f"class-index file {class_index_file!r} has no entry for folder(s) "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''} of {root!r}")
+    files, problems = walk_files(root, root)  # one walk: a file or folder linked from two classes counts once
+    by_class: dict = {c: ([], []) for c in classes}
+    for p in files:
+        by_class.get(_rel(p, root).split("/")[0], ([], []))[0].append(p)  # files directly in root: no class
+    for p, why in problems:
+        by_class.get(_rel(p, root).split("/")[0], ([], []))[1].append((p, why))
     items, empty = [], []
     for cls in classes:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-        if not files:
+        good, bad = by_class[cls]
+        if not good:
             empty.append(cls)
-        for p in sorted(files):
-            items.append(InputItem(src=os.path.relpath(p, root).replace(os.sep, "/"), label=index[cls], path=p))
+        items += [InputItem(src=_rel(p, root), label=index[cls], path=p) for p in good]
+        items += [InputItem(src=_rel(p, root), label=index[cls], path=p, problem=why) for p, why in bad]
     if class_index_file:  # classes in index order, for the manifest
         classes = [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
     return SourceListing("folder", root, items, classes, empty, class_index_file)

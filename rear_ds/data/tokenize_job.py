@@ -7,9 +7,13 @@ Work plan (identical for every rank and every rerun):
      [j*S, (j+1)*S) of the permuted list; image i's samples have key ``<i>_<view>``;
   3. rank r does shards j with j % world_size == r.
 Each shard is written to ``.tmp`` then renamed, and its entry (samples, bytes, sha256, class counts,
-skipped inputs) goes into the rank's own ``_parts/rank-R-of-W.json``. A rerun skips shards whose file
-matches an entry's sha256 and redoes the rest, so kill + rerun == uninterrupted, byte for byte.
-``--finalize`` checks every shard of every rank and writes ``manifest.json``.
+skipped inputs) is appended to the rank's own ``_parts/rank-R-of-W.jsonl`` (first line: the settings
+and plan). A rerun skips shards whose file matches an entry's sha256 and redoes the rest, so kill +
+rerun == uninterrupted, byte for byte. An input that cannot be read because of a fault that may pass
+(EIO, ESTALE, a timeout; retried first) stops the rank before its shard is committed: no shard ever
+has a hole that a rerun would not fill. ``--finalize`` checks every shard of every rank and writes
+``manifest.json``; of several entries for one shard (parts of runs with other world sizes) it takes
+the one that matches the file.
 """
 from __future__ import annotations
 
@@ -18,16 +22,18 @@ import glob
 import json
 import os
 import sys
+import time
 from typing import Optional
 
 import numpy as np
 import torch
 import yaml
 
-from rear_ds.config import ConfigError, TokenizerConfig
+from rear_ds.config import ConfigError, TokenizerConfig, apply_section, find_config_file
 from . import shards as S
-from .preprocess import TEN_CROP_RATIO, VIEW_MODES, load_image, make_views, to_float_batch
-from .sources import InputError, InputItem, list_source, read_bytes
+from .preprocess import (IMAGE_FORMATS, MAX_ASPECT_RATIO, TEN_CROP_RATIO, VIEW_MODES, load_image, make_views,
+                         to_float_batch)
+from .sources import InputError, InputItem, TransientReadError, list_source, read_bytes
 
 KILL_ENV = "REAR_DS_TOKENIZE_KILL_AFTER_SHARDS"  # test hook: die mid-shard after k committed shards
 WRITE_ORDER_SEED = 0x5EED  # the in-shard sample order: a permutation seeded by (this, shard index)
@@ -35,6 +41,13 @@ WRITE_ORDER_SEED = 0x5EED  # the in-shard sample order: a permutation seeded by 
 
 class JobError(RuntimeError):
     """A problem found before any work starts (bad paths, tokenizer, incompatible output folder)."""
+
+
+class TransientInputError(JobError):
+    """An input stayed unreadable through the retries with an error that may pass: rerun the rank."""
+
+
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: rerunning the same command is the fix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,15 +75,16 @@ def tokenizer_config(config_path: str = "", weights: str = "", image_size: int =
     """The ``tokenizer:`` section of a YAML config (other sections ignored), then the flag overrides."""
     cfg = TokenizerConfig()
     if config_path:
-        if not os.path.isfile(config_path):
-            raise JobError(f"--config {config_path!r} does not exist")
+        try:
+            config_path = find_config_file(config_path)
+        except ConfigError as e:
+            raise JobError(f"--config: {e}") from None
         with open(config_path) as f:
             section = (yaml.safe_load(f) or {}).get("tokenizer", {}) or {}
-        names = {f.name for f in dataclasses.fields(TokenizerConfig)}
-        for key, value in section.items():
-            if key not in names:
-                raise JobError(f"{config_path}: unknown key tokenizer.{key} (known: {', '.join(sorted(names))})")
-            setattr(cfg, key, value)
+        try:  # the config loader's own checks: unknown keys, types, the nested tokenizer.alitok section
+            apply_section(cfg, section, "tokenizer")
+        except ConfigError as e:
+            raise JobError(f"{config_path}: {e}") from None
     if weights:
         cfg.weights = weights
     if image_size:
@@ -80,6 +94,34 @@ def tokenizer_config(config_path: str = "", weights: str = "", image_size: int =
     except ConfigError as e:
         raise JobError(f"tokenizer config: {e}") from None
     return cfg
+
+
+def class_count(config_path: str = "", num_classes: int = 0) -> int:
+    """The class range [0, C) the data must fit: --num-classes, else the config's model.num_classes, else
+    the default model's (1000). Checked where data enters, not hours later when training reads it."""
+    from rear_ds.config import ModelConfig
+
+    if not num_classes and config_path:
+        with open(config_path) as f:
+            num_classes = ((yaml.safe_load(f) or {}).get("model") or {}).get("num_classes", 0)
+    num_classes = num_classes or ModelConfig().num_classes
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise JobError(f"number of classes {num_classes!r} (--num-classes or model.num_classes): expected a "
+                       "positive integer")
+    return num_classes
+
+
+def check_class_range(listing, num_classes: int) -> list:
+    """Folder input: a class index outside [0, C) is an error (a whole class folder, or the class-index
+    file); WebDataset input: such a sample is skipped and listed. Returns the items."""
+    outside = [it for it in listing.items if not it.problem and not 0 <= it.label < num_classes]
+    if outside and listing.kind == "folder":
+        top = max(it.label for it in listing.items)
+        raise JobError(f"input {listing.path!r} has class indices up to {top} ({len(listing.classes)} classes) "
+                       f"but the model has num_classes={num_classes} (--num-classes or model.num_classes)")
+    bad = set(map(id, outside))
+    return [dataclasses.replace(it, problem=f"class {it.label} outside [0, {num_classes}) (num_classes)")
+            if id(it) in bad else it for it in listing.items]
 
 
 def load_tokenizer(cfg: TokenizerConfig, device: str):
@@ -95,15 +137,17 @@ def load_tokenizer(cfg: TokenizerConfig, device: str):
 
 def job_settings(cfg: TokenizerConfig, tok, weights_sha: str, views: str, min_size: int) -> dict:
     """Everything that determines the token values; an output folder must agree on all of it."""
-    tcfg = dataclasses.asdict(cfg)
-    tcfg.pop("weights")  # the path may differ between machines; the sha256 identifies the weights
+    # The weights path may differ between machines; the sha256 identifies the weights.
     return {
         "format": S.FORMAT,
-        "tokenizer": {"name": cfg.name, "codebook_size": int(tok.codebook_size), "grid": list(tok.grid),
-                      "embed_dim": int(tok.embed_dim), "weights_sha256": weights_sha, "config": tcfg},
+        "tokenizer": {"name": cfg.name, "family": cfg.family, "codebook_size": int(tok.codebook_size),
+                      "grid": list(tok.grid), "prefix_tokens": int(tok.prefix_tokens),
+                      "num_tokens": int(tok.num_tokens), "token_shape": list(tok.token_shape),
+                      "embed_dim": int(tok.embed_dim), "weights_sha256": weights_sha, "config": cfg.architecture()},
         "preprocessing": {"crop": "adm_center_crop", "image_size": cfg.image_size, "views": views,
                           "view_names": VIEW_MODES[views], "ten_crop_ratio": TEN_CROP_RATIO,
                           "rgb": "PIL convert('RGB')", "min_size": min_size, "value_range": [0, 1],
+                          "max_aspect_ratio": MAX_ASPECT_RATIO, "image_formats": list(IMAGE_FORMATS),
                           # tokenizer.encode always runs in fp32: a bf16 latent changes argmins
                           "encode_dtype": "fp32"},
     }
@@ -121,16 +165,27 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list:
 
 
 def read_parts(out: str) -> list:
+    """[(path, header, entries)] of every rank's part file: the header is its first line (settings, plan,
+    rank, world size), the entries the shards it committed, in order. A last line cut short by a kill is
+    ignored (:meth:`TokenizeJob.open_part` removes it before appending)."""
     parts = []
-    for p in sorted(glob.glob(os.path.join(out, S.PARTS_DIR, "rank-*.json"))):
-        with open(p) as f:
-            parts.append((p, json.load(f)))
+    for p in sorted(glob.glob(os.path.join(out, S.PARTS_DIR, "rank-*.jsonl"))):
+        with open(p, "rb") as f:
+            lines = f.read().split(b"\n")
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1 or not records:  # only the unterminated last line may be torn
+                    raise JobError(f"{p} line {i + 1} is not JSON ({e}): delete {p} and rerun that rank") from None
+        parts.append((p, records[0], [r["shard"] for r in records[1:]]))
     return parts
 
 
 def check_output_folder(out: str, settings: dict, plan: Optional[dict]) -> None:
     """Refuse a folder whose existing shards come from another tokenizer/preprocessing/input plan."""
-    records = [(p, d) for p, d in read_parts(out)]
+    records = [(p, header) for p, header, _ in read_parts(out)]
     if os.path.isfile(os.path.join(out, S.MANIFEST)):
         with open(os.path.join(out, S.MANIFEST)) as f:
             records.append((os.path.join(out, S.MANIFEST), json.load(f)))
@@ -164,19 +219,18 @@ class _DecodeSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        """-> (i, views or None, skip reason, transient): a transient read error is not a bad input."""
         item: InputItem = self.items[i]
         if item.problem:
-            return i, None, item.problem
+            return i, None, item.problem, False
         try:
-            data = read_bytes(item)
-        except OSError as e:
-            return i, None, f"unreadable: {e}"
-        try:
-            return i, make_views(load_image(data, self.min_size), self.size, self.views), ""
+            return i, make_views(load_image(read_bytes(item), self.min_size), self.size, self.views), "", False
+        except TransientReadError as e:
+            return i, None, str(e), True
         except ValueError as e:
-            return i, None, str(e)
+            return i, None, str(e), False
         except Exception as e:  # any decoder crash is bad input, never a stopped run
-            return i, None, f"corrupt image: {type(e).__name__}: {e}"
+            return i, None, f"corrupt image: {type(e).__name__}: {e}", False
 
 
 def _collate(batch):
@@ -239,7 +293,7 @@ class TokenizeJob:
         self.args, self.out, self.tok, self.device = args, out, tok, device
         self.settings, self.plan, self.items, self.rank, self.world = settings, plan, items, rank, world
         self.batch_size = args.batch_size
-        self.part_path = os.path.join(out, S.PARTS_DIR, f"rank-{rank:05d}-of-{world:05d}.json")
+        self.part_path = os.path.join(out, S.PARTS_DIR, f"rank-{rank:05d}-of-{world:05d}.jsonl")
         self.entries: dict = {}
         self.committed_here = 0
         self._kill_after = int(os.environ.get(KILL_ENV, "-1"))
@@ -259,23 +313,38 @@ class TokenizeJob:
             sys.stderr.flush()
             os._exit(137)
 
-    def save_part(self) -> None:
-        S.write_json_atomic(self.part_path, {**self.settings, "plan": self.plan, "rank": self.rank,
-                                             "world_size": self.world, "shards": self.entries})
+    def open_part(self) -> None:
+        """Start this rank's part file (header line), or keep an existing one minus a torn last line."""
+        if not os.path.isfile(self.part_path):
+            S.write_json_atomic(self.part_path, {**self.settings, "plan": self.plan, "rank": self.rank,
+                                                 "world_size": self.world}, indent=None)
+            return
+        with open(self.part_path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append_part(self, entry: dict) -> None:
+        """One line per committed shard: appending keeps the cost per shard constant (not the whole file)."""
+        with open(self.part_path, "a") as f:
+            f.write(json.dumps({"shard": entry}, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def my_shards(self) -> list:
         return list(range(self.rank, self.plan["num_shards"], self.world))
 
     def reuse_complete(self, mine: list) -> list:
-        """Keep shards whose file matches an existing entry (any rank's part file); return the rest."""
-        known = {}
-        for _, part in read_parts(self.out):
-            known.update(part.get("shards", {}))
+        """Keep shards whose file matches an entry of any rank's part file; return the rest."""
+        known: dict = {}
+        for _, _, entries in read_parts(self.out):
+            for e in entries:
+                known.setdefault(e["name"], []).append(e)
         todo = []
         for j in mine:
             name = S.shard_name(j)
-            e, path = known.get(name), os.path.join(self.out, name)
-            if e and os.path.isfile(path) and os.path.getsize(path) == e["bytes"] and S.sha256_file(path) == e["sha256"]:
+            e = matching_entry(os.path.join(self.out, name), known.get(name, []))
+            if e is not None:
                 self.entries[name] = e
             else:
                 todo.append(j)
@@ -286,8 +355,8 @@ class TokenizeJob:
 
     def run(self) -> dict:
         os.makedirs(os.path.join(self.out, S.PARTS_DIR), exist_ok=True)
+        self.open_part()
         todo = self.reuse_complete(self.my_shards())
-        self.save_part()
         ips = self.plan["images_per_shard"]
         work = [(j, [(i, self.items[i]) for i in range(j * ips, min((j + 1) * ips, len(self.items)))]) for j in todo]
         flat = [(j, gi, it) for j, imgs in work for gi, it in imgs]
@@ -298,7 +367,7 @@ class TokenizeJob:
         return self.summary()
 
     def _process(self, work: list, flat: list) -> None:
-        from tqdm import tqdm
+        from rear_ds import cli
 
         a = self.args
         ds = _DecodeSet([it for _, _, it in flat], self.settings["preprocessing"]["image_size"], a.views, a.min_size)
@@ -306,12 +375,16 @@ class TokenizeJob:
                                              prefetch_factor=4 if a.workers else None)
         shard_iter = iter(work)
         builder = None
-        bar = tqdm(total=len(flat), unit="img", desc=f"rank {self.rank}", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        bar = cli.progress(len(flat), f"rank {self.rank}")
         try:
             for chunk in loader:
-                for pos, views, reason in chunk:
+                for pos, views, reason, transient in chunk:
                     j, gi, item = flat[pos]
+                    if transient:
+                        raise TransientInputError(
+                            f"input {item.src} could not be read: {reason}. This may pass: shard {j} was not "
+                            f"committed (the {self.committed_here} committed by this run are kept); rerun rank "
+                            f"{self.rank} of {self.world} with the same command")
                     if builder is None:
                         jj, imgs = next(shard_iter)
                         builder = _ShardBuilder(self, jj, imgs)
@@ -332,8 +405,9 @@ class TokenizeJob:
 
     def _commit(self, builder: _ShardBuilder) -> None:
         entry = builder.commit()
+        entry["committed_at"] = time.time()
         self.entries[entry["name"]] = entry
-        self.save_part()
+        self.append_part(entry)
         self.committed_here += 1
 
     def summary(self) -> dict:
@@ -356,31 +430,51 @@ def accounting(entries) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def finalize(out: str, verify_hashes: bool = True) -> dict:
-    """Check that every shard of the plan is present and matches its entry; write manifest.json."""
+def matching_entry(path: str, candidates: list, verify_hash: bool = True) -> Optional[dict]:
+    """Of the entries recorded for one shard (several when runs with other world sizes left parts), the
+    newest one that describes the file at ``path`` (size, then sha256); None if none does."""
+    if not candidates or not os.path.isfile(path):
+        return None
+    size, sha = os.path.getsize(path), None
+    for e in sorted(candidates, key=lambda e: e.get("committed_at", 0), reverse=True):
+        if e["bytes"] != size:
+            continue
+        if not verify_hash:
+            return e
+        sha = sha or S.sha256_file(path)
+        if sha == e["sha256"]:
+            return e
+    return None
+
+
+def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = None) -> dict:
+    """Check that every shard of the plan is present and matches an entry; write manifest.json."""
     parts = read_parts(out)
     if not parts:
-        raise JobError(f"nothing to finalize in {out!r}: no {S.PARTS_DIR}/rank-*.json (run the ranks first)")
-    first_path, first = parts[0]
+        raise JobError(f"nothing to finalize in {out!r}: no {S.PARTS_DIR}/rank-*.jsonl (run the ranks first)")
+    first_path, first, _ = parts[0]
     keys = ("format", "tokenizer", "preprocessing", "plan")
-    for p, d in parts[1:]:
+    for p, d, _ in parts[1:]:
         diffs = _diff({k: d.get(k) for k in keys}, {k: first.get(k) for k in keys})
         if diffs:
             raise JobError(f"{p} and {first_path} disagree:\n  " + "\n  ".join(diffs[:10]))
-    entries = {}
-    for _, d in parts:
-        entries.update(d.get("shards", {}))
+    entries: dict = {}
+    for _, _, part in parts:
+        for e in part:
+            entries.setdefault(e["name"], []).append(e)
     plan = first["plan"]
-    world = first["world_size"]
+    # for messages: the world size of this finalize, else of the newest part file
+    world = world_size or max(parts, key=lambda p: os.path.getmtime(p[0]))[1]["world_size"]
     problems, shards = [], []
     for j in range(plan["num_shards"]):
         name, path = S.shard_name(j), os.path.join(out, S.shard_name(j))
-        e = entries.get(name)
-        if e is None:
+        found = entries.get(name, [])
+        e = matching_entry(path, found, verify_hashes)
+        if not found:
             problems.append(f"{name}: not done (rank {j % world} of {world})")
-        elif not os.path.isfile(path) or os.path.getsize(path) != e["bytes"]:
+        elif e is None and (not os.path.isfile(path) or all(c["bytes"] != os.path.getsize(path) for c in found)):
             problems.append(f"{name}: file missing or of the wrong size (rerun rank {j % world} of {world})")
-        elif verify_hashes and S.sha256_file(path) != e["sha256"]:
+        elif e is None:
             problems.append(f"{name}: sha256 differs from its entry (rerun rank {j % world} of {world})")
         else:
             shards.append(e)
@@ -398,8 +492,10 @@ def finalize(out: str, verify_hashes: bool = True) -> dict:
     tok = first["tokenizer"]
     manifest = {
         "format": S.FORMAT, "tokenizer": tok, "preprocessing": first["preprocessing"],
-        "codebook_size": tok["codebook_size"], "grid": tok["grid"], "num_tokens": tok["grid"][0] * tok["grid"][1],
+        "codebook_size": tok["codebook_size"], "grid": tok["grid"], "prefix_tokens": tok["prefix_tokens"],
+        "num_tokens": tok["num_tokens"],
         "dtype": "uint16", "source": plan["source"], "classes": plan.get("classes", []),
+        "num_classes": plan["num_classes"],
         "shard_plan": {k: plan[k] for k in ("images_per_shard", "num_shards", "shuffle_seed")},
         "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "images_written")} for e in shards],
         "num_samples": acc["samples_written"], "class_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
@@ -429,13 +525,14 @@ def pick_device(name: str) -> str:
 def run(args) -> dict:
     """Run one rank (or --finalize). All checks that can fail happen before any image is decoded."""
     if args.finalize:
-        return finalize(args.out)
+        return finalize(args.out, world_size=args.world_size)
     if not args.input:
         raise JobError("--input is required (an ImageNet-style folder or WebDataset image shards)")
     if args.views not in VIEW_MODES:
         raise JobError(f"--views {args.views!r}: expected one of {sorted(VIEW_MODES)}")
     rank, world = resolve_rank(args.rank, args.world_size)
     cfg = tokenizer_config(args.config, args.tokenizer_weights, args.image_size)
+    num_classes = class_count(args.config, args.num_classes)
     device = pick_device(args.device)
     tok, sha = load_tokenizer(cfg, device)
     if tok.codebook_size > 65536:
@@ -449,14 +546,15 @@ def run(args) -> dict:
         raise JobError(str(e)) from None
     if not listing.items:
         raise JobError(f"input {args.input!r} holds no files to tokenize")
-    items = listing.items
+    items = check_class_range(listing, num_classes)
     if args.shuffle_seed >= 0:
         perm = np.random.default_rng(args.shuffle_seed).permutation(len(items))
         items = [items[i] for i in perm]
     nviews = len(VIEW_MODES[args.views])
-    ips = args.images_per_shard or max(1, int(args.shard_size_mb * 2**20 // (S.sample_bytes(tok.grid) * nviews)))
+    ips = args.images_per_shard or max(1, int(args.shard_size_mb * 2**20 // (S.sample_bytes(tok.num_tokens) * nviews)))
     plan = {"images_per_shard": ips, "num_shards": -(-len(items) // ips), "shuffle_seed": args.shuffle_seed,
-            "source": listing.describe(), "classes": listing.classes, "empty_class_folders": listing.empty_classes}
+            "source": listing.describe(), "classes": listing.classes, "empty_class_folders": listing.empty_classes,
+            "num_classes": num_classes}
     check_output_folder(args.out, settings, plan)
     for cls in listing.empty_classes:
         print(f"warning: empty class folder {cls!r} (kept in the class index, listed in the manifest)", file=sys.stderr)
@@ -501,10 +599,9 @@ Example:
 
 
 def build_parser():
-    import argparse
+    from rear_ds import cli
 
-    p = argparse.ArgumentParser(prog="data_prep/tokenize.py", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(HELP, "data_prep/tokenize.py", "rear-tokenize")
     p.add_argument("--input", default="", help="ImageNet-style folder, folder of .tar image shards, or brace pattern")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--class-index", default="", help="JSON list/mapping or text file (first word per line = "
@@ -513,6 +610,8 @@ def build_parser():
     p.add_argument("--tokenizer-weights", default="", help="tokenizer weights (.bin/.pt state dict or .safetensors)")
     p.add_argument("--image-size", type=int, default=0, help="override tokenizer.image_size (= crop size)")
     p.add_argument("--views", default="center+flip", choices=sorted(VIEW_MODES), help="views per image (default center+flip)")
+    p.add_argument("--num-classes", type=int, default=0, help="class indices must lie in [0, N) (default: "
+                   "model.num_classes of --config, else 1000); WebDataset samples outside are skipped and listed")
     p.add_argument("--min-size", type=int, default=0, help="skip (and list) images whose short side is smaller; "
                    "0 = off (default: small images are upsampled by the ADM crop, as in the reference)")
     p.add_argument("--images-per-shard", type=int, default=0, help="images per shard (overrides --shard-size-mb)")
@@ -535,5 +634,5 @@ def main(argv=None) -> int:
         run(args)
     except (JobError, S.ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_TRANSIENT if isinstance(e, TransientInputError) else 2
     return 0

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from rear_ds.evaluation.safe_npz import NpzError, load_npz
+from rear_ds.evaluation.safe_npz import NpzError, array_header, load_npz
 
 CHUNK_RE = re.compile(r"^chunk_(\d{6,})\.npz$")
 CHUNK_KEYS = ("images", "labels", "indices", "fingerprint")
@@ -101,17 +101,6 @@ def remove_stale_tmp(folder: str, names: set) -> int:
     return removed
 
 
-def _array_header(zf: zipfile.ZipFile, key: str) -> tuple:
-    """(shape, dtype) of ``key`` in an open .npz without reading the data."""
-    with zf.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return shape, dtype
-
-
 @dataclass
 class ChunkInfo:
     """What :func:`inspect_chunk` learned from a chunk file (images are not read)."""
@@ -129,7 +118,7 @@ def inspect_chunk(path: str, num_classes: int) -> ChunkInfo:
     try:
         meta = load_npz(path, "sample chunk", keys=("labels", "indices", "fingerprint"))
         with zipfile.ZipFile(path) as zf:
-            shape, dtype = _array_header(zf, "images")
+            shape, dtype, held = array_header(zf, "images")
     except (NpzError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
         info.problem = f"unreadable: {e}"
         return info
@@ -141,6 +130,8 @@ def inspect_chunk(path: str, num_classes: int) -> ChunkInfo:
         info.problem = f"'labels' has shape {lab.shape}, 'indices' {idx.shape}"
     elif dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[0] != idx.shape[0]:
         info.problem = f"'images' must be uint8 ({idx.shape[0]}, H, W, 3), got {dtype} {shape}"
+    elif int(np.prod(shape, dtype=object)) > held:
+        info.problem = f"'images' claims shape {shape} ({int(np.prod(shape, dtype=object))} bytes), holds {held}"
     elif idx.size and not np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
         info.problem = "'indices' are not ascending and contiguous"
     elif not np.array_equal(lab, labels_for(idx, num_classes)):
@@ -205,7 +196,8 @@ def gather_chunks(folder: str, num_samples: int, chunk_size: int, num_classes: i
     """Check that the chunks in ``folder`` hold every index 0..N-1 exactly once; raise otherwise.
 
     The error lists the missing chunk files and index ranges, the duplicated indices with the files
-    holding them, and the files that are unreadable or inconsistent.
+    holding them, and the files that are unreadable or inconsistent. Such invalid files are not an error
+    by themselves when the valid ones hold every index: they are named in ``accounting["invalid_chunk_files"]``.
     """
     if not os.path.isdir(folder):
         raise IncompleteSamplesError(f"samples folder {folder!r} does not exist")
@@ -252,6 +244,7 @@ def gather_chunks(folder: str, num_samples: int, chunk_size: int, num_classes: i
         "samples_missing": len(missing),
         "samples_duplicated": len(dups),
         "samples_out_of_range_files": len(out_of_range),
+        "invalid_chunk_files": bad,
     }
     problems = []
     if missing:
@@ -265,7 +258,7 @@ def gather_chunks(folder: str, num_samples: int, chunk_size: int, num_classes: i
                         + _few([f"{i} in {' and '.join(holders[i])}" for i in dups]))
     if out_of_range:
         problems.append(f"indices outside 0..{num_samples - 1}: {_few(out_of_range)}")
-    if bad:
+    if problems and bad:
         problems.append(f"invalid chunk files: {_few(bad)}")
     if problems:
         raise IncompleteSamplesError(

@@ -35,10 +35,19 @@ def _ref_stats(path: str) -> tuple:
 def evaluate_fid(samples_uint8: np.ndarray, ref_stats_path: str, inception_weights: Optional[str] = None,
                  device: Optional[str] = None, batch_size: int = 50) -> float:
     """FID of uint8 (n, H, W, 3) samples (n >= 2) against the mu/sigma stored in ``ref_stats_path``."""
+    return fid_of_features(pool_features(samples_uint8, inception_weights, device, batch_size), ref_stats_path)
+
+
+def pool_features(samples_uint8: np.ndarray, inception_weights: Optional[str] = None, device: Optional[str] = None,
+                  batch_size: int = 50) -> np.ndarray:
+    """Inception pool features (n, 2048) of uint8 (n, H, W, 3) samples: the part of FID that can be split."""
     import torch
 
     weights = resolve_inception_weights(inception_weights)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    feats, _ = _extractor(weights, str(dev), batch_size)(samples_uint8)
+    return _extractor(weights, str(dev), batch_size)(samples_uint8)[0]
+
+
+def fid_of_features(features: np.ndarray, ref_stats_path: str) -> float:
     mu_ref, sigma_ref = _ref_stats(ref_stats_path)
-    return fid_from_features(feats, mu_ref, sigma_ref)
+    return fid_from_features(features, mu_ref, sigma_ref)

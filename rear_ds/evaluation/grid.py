@@ -1,39 +1,33 @@
-"""A PNG grid of uint8 images (sample previews for the trainer, the demo and ``rear_ds.evaluate``)."""
+"""The one sample-grid writer: uint8 images -> a PNG grid (torchvision's ``save_image``), written atomically.
+
+Used for the trainer's ``samples/step_*.png``, the demo's class grids and ``rear_ds.evaluate``'s
+``samples_grid.png``. Images arrive as uint8 (decoder outputs are truncated to uint8 first, as the reference
+sampler does), so the grid shows exactly the pixels that are scored.
+"""
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
-
-
-def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> one uint8 (rows*(H+p)+p, nrow*(W+p)+p, 3) image, row-major, padded."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"save_grid expects uint8 images (n, H, W, 3), got {images.dtype} {images.shape}")
-    n, h, w, _ = images.shape
-    if n == 0:
-        raise ValueError("save_grid got no images")
-    ncol = max(1, min(nrow, n))
-    nrows = math.ceil(n / ncol)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), pad_value, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y, x = padding + r * (h + padding), padding + c * (w + padding)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
+import torch
+from einops import rearrange
 
 
 def save_grid(images: np.ndarray, path: str, nrow: int = 8, padding: int = 2) -> str:
-    """Write ``images`` (uint8 (n, H, W, 3)) as a PNG grid with ``nrow`` images per row; atomic. Returns path."""
-    from PIL import Image
+    """Write uint8 ``images`` (n, H, W, 3) as one PNG, ``nrow`` images per row, white padding. Returns path."""
+    from torchvision.utils import save_image
 
-    grid = make_grid(images, nrow, padding)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"save_grid expects uint8 images (n, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError("save_grid got no images")
+    # k / 255 comes back as k exactly: save_image stores floor(x * 255 + 0.5).
+    x = rearrange(torch.from_numpy(np.ascontiguousarray(images)), "n h w c -> n c h w").float() / 255
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.png"
     try:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        save_image(x, tmp, format="PNG", nrow=nrow, padding=padding, pad_value=1.0)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,6 +1,6 @@
 """Compute reference statistics once: ``python -m rear_ds.evaluation.ref_stats``.
 
-    python -m rear_ds.evaluation.ref_stats --reference /data/imagenet_val_256/ \
+    python -m rear_ds.evaluation.ref_stats --reference /data/imagenet_val_256/ \\
         --inception-weights /models/weights-inception-2015-12-05-6726825d.pth --out refs/val256.npz
 
 The output .npz holds mu, sigma (FID), features (precision/recall, unless --no-features) and a JSON
@@ -9,12 +9,11 @@ The output .npz holds mu, sigma (FID), features (precision/recall, unless --no-f
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
 import numpy as np
 
+from rear_ds import cli
 from rear_ds.evaluation.inception import InceptionFeatures
 from rear_ds.evaluation.references import Reference, open_reference
 from rear_ds.evaluation.stats import fid_stats, save_ref_stats
@@ -33,13 +32,15 @@ def reference_statistics(ref: Reference, extractor: InceptionFeatures, need_feat
         out["num_images"] = int(ref.features.shape[0])
     need_compute = (out["mu"] is None and out["features"] is None) or (need_features and out["features"] is None)
     if need_compute and ref.has_images:
-        feats, t0 = [], time.time()
-        for batch in ref.iter_images(batch_size):
-            feats.append(extractor(batch)[0].astype(np.float32))
-            if progress:
-                n = sum(f.shape[0] for f in feats)
-                print(f"reference features: {n} images, {n / max(time.time() - t0, 1e-9):.1f} img/s",
-                      file=sys.stderr, flush=True)
+        feats = []
+        # Known up front for stored images and image folders; a token-shard set is counted as it is decoded.
+        total = len(ref.images) if ref.images is not None else len(ref.files) if ref.kind == "image_folder" else None
+        if ref.limit:
+            total = min(total, ref.limit) if total is not None else ref.limit
+        with cli.progress(total, "inception (reference)", disable=not progress) as bar:
+            for batch in ref.iter_images(batch_size):
+                feats.append(extractor(batch)[0].astype(np.float32))
+                bar.update(batch.shape[0])
         if not feats:
             raise ValueError(f"reference {ref.path!r} yielded no images")
         out["features"] = np.concatenate(feats)
@@ -54,8 +55,7 @@ def reference_statistics(ref: Reference, extractor: InceptionFeatures, need_feat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.evaluation.ref_stats", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.evaluation.ref_stats")
     p.add_argument("--reference", required=True, help="folder of images, token-shard folder/.tar, or .npz")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--inception-weights", default=None,
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
                    help="centre-crop/resize folder images to this square size (ADM preprocessing); 0 = as is")
     p.add_argument("--limit", type=int, default=0, help="use at most this many reference images (0 = all)")
     p.add_argument("--no-features", action="store_true", help="store mu/sigma only (no precision/recall later)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
 
     tok_cfg = None

@@ -3,8 +3,10 @@
 ``open_reference(path)`` accepts
   * an ``.npz``: an ADM reference batch (``arr_0`` uint8 images, plus ``mu``/``sigma`` from the ADM TF
     evaluator) or a statistics file written by ``python -m rear_ds.evaluation.ref_stats``;
-  * a folder of images (.png/.jpg/.jpeg/.webp/.bmp, searched recursively, sorted by path), centre-cropped
-    and resized like ADM's ``center_crop_arr`` when they are not already ``image_size`` squares;
+  * a folder of images (.png/.jpg/.jpeg/.webp/.bmp, searched recursively, each file and folder once, sorted
+    by path), decoded and centre-cropped exactly as the tokenizer's inputs (:mod:`rear_ds.data.preprocess`,
+    ADM's ``center_crop_arr``) when they are not already ``image_size`` squares; unreadable, too elongated
+    or disguised files (and symlink loops) are skipped and listed in ``skipped``;
   * a token-shard set (a folder of ``*.tar`` shards, or one ``.tar``), decoded with the tokenizer.
 Nothing is unpickled: .npz via ``allow_pickle=False``, shards via their reader (tar members in memory).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -20,19 +23,6 @@ import numpy as np
 from rear_ds.evaluation.stats import load_ref_stats
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
-    """ADM's preprocessing (guided-diffusion image_datasets.py): box-halve, bicubic resize, centre crop."""
-    from PIL import Image
-
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[y:y + image_size, x:x + image_size]
 
 
 def to_uint8_hwc(images) -> np.ndarray:
@@ -49,6 +39,7 @@ class Reference:
     features: Optional[np.ndarray] = None  # stored pool features (stats files)
     images: Optional[np.ndarray] = None  # in-memory images (ADM arr_0)
     files: list = field(default_factory=list)  # image files or shard files
+    skipped: list = field(default_factory=list)  # [{"src", "reason"}]: folder entries not used
     meta: dict = field(default_factory=dict)
     image_size: int = 0
     limit: int = 0  # 0 = all
@@ -69,6 +60,7 @@ class Reference:
             out["limit"] = self.limit
         if self.kind == "image_folder":
             out["num_files"] = len(self.files)
+            out["skipped"] = self.skipped
         if self.kind == "token_shards":
             out["num_shards"] = len(self.files)
         return out
@@ -85,20 +77,24 @@ class Reference:
             yield from self._iter_shards(batch_size)
 
     def _iter_folder(self, batch_size: int):
-        from PIL import Image
+        from rear_ds.data.preprocess import center_crop_arr, load_image, to_rgb
+        from rear_ds.data.sources import InputItem, read_bytes
 
-        files = self.files[:self.limit or None]
-        batch, shape = [], None
-        for path in files:
+        batch, shape, used = [], None, 0
+        for path in self.files:
+            if self.limit and used == self.limit:
+                break
             try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    if self.image_size and im.size != (self.image_size, self.image_size):
-                        arr = center_crop_arr(im, self.image_size)
-                    else:
-                        arr = np.array(im)
-            except OSError as e:
-                raise ValueError(f"reference image {path!r} cannot be read: {e}") from None
+                im = to_rgb(load_image(read_bytes(InputItem(path, -1, path))))
+                if self.image_size and im.size != (self.image_size, self.image_size):
+                    arr = center_crop_arr(im, self.image_size)
+                else:
+                    arr = np.asarray(im)
+            except ValueError as e:  # bad input: listed, the rest is used (a transient read error raises)
+                self.skipped.append({"src": os.path.relpath(path, self.path), "reason": str(e)})
+                print(f"warning: reference image {path} skipped: {e}", file=sys.stderr)
+                continue
+            used += 1
             if shape is None:
                 shape = arr.shape
             elif arr.shape != shape:
@@ -120,7 +116,7 @@ class Reference:
             raise ValueError(f"token-shard reference {self.path!r} needs the tokenizer: pass --config "
                              f"(its tokenizer section, with tokenizer.weights) ")
         tokenizer = build_tokenizer(self.tokenizer_cfg, load_weights=True, device=self.device)
-        grid = tuple(tokenizer.grid)
+        shape = tuple(tokenizer.token_shape)
         remaining = self.limit or None
         batch = []
 
@@ -131,9 +127,9 @@ class Reference:
 
         for shard in self.files:
             for sample in iter_shard(shard):
-                if tuple(sample["tokens"].shape) != grid:
-                    raise ValueError(f"shard {shard} sample {sample['key']}: token grid {sample['tokens'].shape} "
-                                     f"!= tokenizer grid {grid} (wrong --config?)")
+                if tuple(sample["tokens"].shape) != shape:
+                    raise ValueError(f"shard {shard} sample {sample['key']}: tokens of shape {sample['tokens'].shape} "
+                                     f"!= the tokenizer's {shape} ({tokenizer.layout}; wrong --config?)")
                 batch.append(sample["tokens"])
                 if len(batch) == batch_size:
                     yield flush()
@@ -170,10 +166,13 @@ def open_reference(path: str, image_size: int = 0, tokenizer_cfg=None, limit: in
         if shards:
             return Reference(path, "token_shards", files=shards, tokenizer_cfg=tokenizer_cfg, limit=limit,
                              device=device)
-        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p))
+        from rear_ds.data.sources import walk_files
+
+        files, problems = walk_files(path, path)
+        files = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
         if not files:
             raise ValueError(f"reference folder {path!r} holds no images ({', '.join(IMAGE_EXTS)}) and no "
                              f"*.tar token shards")
-        return Reference(path, "image_folder", files=files, image_size=image_size, limit=limit)
+        skipped = [{"src": os.path.relpath(p, path), "reason": why} for p, why in problems]
+        return Reference(path, "image_folder", files=files, skipped=skipped, image_size=image_size, limit=limit)
     raise ValueError(f"reference {path!r}: expected an .npz file, a .tar shard, or a folder")

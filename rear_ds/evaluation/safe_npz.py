@@ -15,15 +15,30 @@ class NpzError(ValueError):
     """An .npz file is missing, unreadable, unsafe (pickled objects) or lacks a key."""
 
 
+def array_header(zf: zipfile.ZipFile, key: str) -> tuple:
+    """(shape, dtype, data bytes the member holds) of ``key`` in an open .npz, from its header only."""
+    info = zf.getinfo(key + ".npy")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype, info.file_size - f.tell()
+
+
 def load_npz(path: str, what: str = "npz file", keys: tuple = None) -> dict:
     """Read every array (or only ``keys``) of ``path`` into memory; object arrays are refused unread.
 
-    Returns ``{key: np.ndarray}``. Raises :class:`NpzError` naming the file (and key) on any problem.
+    Returns ``{key: np.ndarray}``. Raises :class:`NpzError` naming the file (and key) on any problem,
+    among them a file that is not a zip (a .npy under an .npz name) and a header whose shape claims more
+    bytes than the member holds (numpy would try to allocate them first).
     """
     if not os.path.isfile(path):
         raise NpzError(f"{what} {path!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # what np.load looks at to choose .npz over .npy
+                raise NpzError(f"{what} {path!r} is not an .npz file (not a zip archive)")
+        with zipfile.ZipFile(path) as zf, np.load(path, allow_pickle=False) as data:
             names = list(data.files)
             wanted = names if keys is None else list(keys)
             missing = [k for k in wanted if k not in names]
@@ -31,6 +46,11 @@ def load_npz(path: str, what: str = "npz file", keys: tuple = None) -> dict:
                 raise NpzError(f"{what} {path!r} lacks the key(s) {missing} (it has {names})")
             out = {}
             for k in wanted:
+                shape, dtype, held = array_header(zf, k)
+                claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if not dtype.hasobject and claimed > held:
+                    raise NpzError(f"{what} {path!r}: key {k!r} claims shape {shape} of {dtype} ({claimed} bytes) "
+                                   f"but holds {held} bytes")
                 try:
                     out[k] = data[k]
                 except ValueError as e:
@@ -42,8 +62,8 @@ def load_npz(path: str, what: str = "npz file", keys: tuple = None) -> dict:
             return out
     except NpzError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-        raise NpzError(f"{what} {path!r} is not a readable .npz file: {e}") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, MemoryError) as e:
+        raise NpzError(f"{what} {path!r} is not a readable .npz file: {type(e).__name__}: {e}") from None
 
 
 def npz_keys(path: str, what: str = "npz file") -> list:

@@ -13,6 +13,7 @@ Blocks are pre-norm DiT-style adaLN-Zero with affine LayerNorms, QK-norm and cau
 names follow the released reAR checkpoints (spec 2.8), so those load strictly into this module.
 The model knows nothing of DeepSpeed, files or Slurm; initialisation happens inside each layer's own
 ``reset_parameters`` so that it also works when parameters are partitioned at construction (ZeRO-3).
+GeneratorBase holds what every family shares (the second family: rear_ds/models/alitok_ar.py).
 """
 from __future__ import annotations
 
@@ -24,17 +25,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rear_ds.config import ModelConfig
+from rear_ds.config import ConfigError, ModelConfig
 
 
 def apex_layernorm():
     """NVIDIA apex's FusedLayerNorm class (same parameters and state-dict names as torch's), or None when apex
-    is not installed: it is optional, never required. rear_ds.training.build decides where it is used."""
+    is not installed: it is optional, never required. choose_layernorm decides where it is used."""
     try:  # pragma: no cover - apex is not installed on the CPU test machines
         from apex.normalization import FusedLayerNorm
     except Exception:  # ImportError, or a broken apex build
         return None
     return FusedLayerNorm
+
+
+def choose_layernorm(t, apex_cls) -> tuple:
+    """(class, why) of the blocks' LayerNorms for train config ``t``, given apex's class (None: not installed).
+
+    apex's fused kernel pays off with 16-bit weights. Under autocast (bf16_autocast) it would run in bf16, where
+    torch's LayerNorm runs in fp32 (the reference numerics), and under torch.compile its custom autograd
+    function breaks the graph while inductor fuses torch's LayerNorm by itself: "auto" keeps torch's there."""
+    if t.apex_layernorm == "never" or apex_cls is None:
+        why = "train.apex_layernorm=never" if t.apex_layernorm == "never" else "apex not installed"
+        return nn.LayerNorm, why
+    if t.apex_layernorm == "always":
+        return apex_cls, "train.apex_layernorm=always"
+    if t.precision not in ("bf16", "fp16"):
+        return nn.LayerNorm, f"train.precision={t.precision} (apex would change the LayerNorm numerics)"
+    if t.compile:
+        return nn.LayerNorm, "train.compile=true (inductor fuses torch's LayerNorm; apex would break the graph)"
+    return apex_cls, f"apex installed, train.precision={t.precision}"
 
 
 INIT_STD = 0.02
@@ -88,6 +107,25 @@ class KVCache:
     length: int = 0
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    """Causal SDPA over (B, H, T, hd) tensors; with a cache, the T new positions follow the cached ones."""
+    if cache is None:
+        # Training / full recompute: the fused causal kernel, no materialised L x L mask.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    start, T = cache.length, q.shape[2]
+    cache.k[layer, :, :, start:start + T] = k
+    cache.v[layer, :, :, start:start + T] = v
+    k_all = cache.k[layer, :, :, :start + T]
+    v_all = cache.v[layer, :, :, :start + T]
+    if T == 1:
+        # A single new query may see every cached position: no mask at all (spec 2.9).
+        return F.scaled_dot_product_attention(q, k_all, v_all)
+    # Several new queries after `start` cached ones: query j sees keys 0..start+j.
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -107,23 +145,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, H, T, hd)
         # QK-norm; cast back so the attention kernel sees one dtype (a fused LayerNorm may return fp32).
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is None:
-            # Training / full recompute: the fused causal kernel, no materialised L x L mask.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k_all = cache.k[layer, :, :, :start + T]
-            v_all = cache.v[layer, :, :, :start + T]
-            if T == 1:
-                # A single new query may see every cached position: no mask at all (spec 2.9).
-                out = F.scaled_dot_product_attention(q, k_all, v_all)
-            else:
-                # Several new queries after `start` cached ones: query j sees keys 0..start+j.
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        out = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0, cache, layer)
         out = out.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(out))
 
@@ -195,28 +217,49 @@ def align_head(cfg: ModelConfig) -> nn.Sequential:
 # --------------------------------------------------------------------------------------
 
 
-class ReARGenerator(nn.Module):
-    def __init__(self, cfg: ModelConfig, with_align_heads: bool = True, norm_layer=nn.LayerNorm):
-        """``norm_layer``: the class of the blocks' LayerNorms (torch's, or apex's fused one in training)."""
+class GeneratorBase(nn.Module):
+    """What every generator family shares (the interface the objective, sampler and trainer use).
+
+    A family subclasses this and supplies: ``CONTEXT_POSITIONS`` (positions before t_0), ``check_config``,
+    ``flops_per_sample``, ``forward`` (teacher-forced logits + optional alignment features) and
+    ``forward_cached`` (one KV-cache step). The registry in rear_ds/models/__init__.py maps ``model.family`` to
+    the class; nothing outside the model files asks which family it has.
+    """
+
+    CONTEXT_POSITIONS = 0
+    ALIGN_PREFIXES = ("encode_align_mlp.", "decode_align_mlp.")
+
+    def __init__(self, cfg: ModelConfig, with_align_heads: bool):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        D, N = cfg.hidden_size, cfg.num_tokens
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.embeddings = Embedding(cfg.vocab_size, D)
-        self.pos_embed = _table(N + cfg.pos_table_extra, D)
-        self.target_aware_pos_embed = _table(N + cfg.pos_table_extra, D)
-        self.timesteps_embeddings = _table(N + cfg.cond_table_extra, D)
-        self.blocks = nn.ModuleList([Block(cfg, norm_layer) for _ in range(cfg.depth)])
-        self.adaln_before_head = FinalLayer(cfg)
-        self.lm_head = Linear(D, cfg.codebook_size)
         self.with_align_heads = with_align_heads
-        if with_align_heads:
-            self.encode_align_mlp = align_head(cfg)
-            self.decode_align_mlp = align_head(cfg)
         self._checkpointed: set = set()
 
-    # ---- helpers ---------------------------------------------------------------------
+    def _add_align_heads(self) -> None:
+        """The training-only heads; a family creates them last (its init's RNG order and key order)."""
+        if self.with_align_heads:
+            self.encode_align_mlp = align_head(self.cfg)
+            self.decode_align_mlp = align_head(self.cfg)
+
+    @staticmethod
+    def check_config(cfg: ModelConfig, prefix: str) -> None:
+        """Family-specific config checks (ModelConfig.validate calls this); raise ConfigError."""
+
+    @staticmethod
+    def norm_layer_for(train_cfg) -> tuple:
+        """(class, why) of the norm layers to build for a run with train config ``train_cfg``."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"{type(self).__name__}(family={c.family}, hidden_size={c.hidden_size}, depth={c.depth}, "
+                f"num_heads={c.num_heads}, mlp_dim={c.mlp_dim}, codebook_size={c.codebook_size}, "
+                f"num_classes={c.num_classes}, num_tokens={c.num_tokens})")
 
     def class_token_ids(self, labels: torch.Tensor, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class indices 0..C-1 -> embedding ids; where ``drop`` is True, the null-class id (CFG / dropout)."""
@@ -244,6 +287,72 @@ class ReARGenerator(nn.Module):
         """
         for block in self.blocks:
             block.compile(**compile_kwargs)
+
+    def _run_blocks(self, x: torch.Tensor, block_args: tuple, encode_align: bool, decode_align: bool,
+                    enc_rows: slice, dec_rows: slice):
+        """All blocks (checkpointed where asked); the align heads read block outputs at the rows the family maps
+        to t_0..t_{N-1}: ``enc_rows`` hold them (encode), ``dec_rows`` predict them (decode)."""
+        if (encode_align or decode_align) and not self.with_align_heads:
+            raise ValueError("alignment features requested from a generator built without align heads")
+        enc = dec = None
+        for i, block in enumerate(self.blocks):
+            if i in self._checkpointed and torch.is_grad_enabled():
+                x = checkpoint(block, x, *block_args, use_reentrant=False)
+            else:
+                x = block(x, *block_args)
+            if encode_align and i == self.cfg.encode_align_layer:
+                enc = self.encode_align_mlp(x[:, enc_rows])
+            if decode_align and i == self.cfg.decode_align_layer:
+                dec = self.decode_align_mlp(x[:, dec_rows])
+        return x, enc, dec
+
+    def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        w = self.embeddings.weight
+        shape = (self.cfg.depth, batch, self.cfg.num_heads, self.cfg.seq_len, self.cfg.head_dim)
+        return KVCache(torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype),
+                       torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype))
+
+    def inference_state_dict(self) -> dict:
+        """The state dict without the training-only alignment heads."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.ALIGN_PREFIXES)}
+
+    @staticmethod
+    def align_head_flops(cfg: ModelConfig) -> int:
+        """Forward matmul FLOPs of the two align heads, each on N positions."""
+        P, Z = cfg.align_proj_dim, cfg.align_z_dim
+        dims = [cfg.hidden_size] + [P] * (cfg.align_head_layers - 1) + [Z]
+        return 2 * 2 * cfg.num_tokens * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+class ReARGenerator(GeneratorBase):
+    CONTEXT_POSITIONS = 2  # [cls, class]
+
+    def __init__(self, cfg: ModelConfig, with_align_heads: bool = True, norm_layer=nn.LayerNorm):
+        """``norm_layer``: the class of the blocks' LayerNorms (torch's, or apex's fused one in training)."""
+        super().__init__(cfg, with_align_heads)
+        D, N = cfg.hidden_size, cfg.num_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.embeddings = Embedding(cfg.vocab_size, D)
+        self.pos_embed = _table(N + cfg.pos_table_extra, D)
+        self.target_aware_pos_embed = _table(N + cfg.pos_table_extra, D)
+        self.timesteps_embeddings = _table(N + cfg.cond_table_extra, D)
+        self.blocks = nn.ModuleList([Block(cfg, norm_layer) for _ in range(cfg.depth)])
+        self.adaln_before_head = FinalLayer(cfg)
+        self.lm_head = Linear(D, cfg.codebook_size)
+        self._add_align_heads()
+
+    @staticmethod
+    def norm_layer_for(train_cfg) -> tuple:
+        return choose_layernorm(train_cfg, apex_layernorm())
+
+    @staticmethod
+    def check_config(cfg: ModelConfig, prefix: str) -> None:
+        for key in ("prefix_tokens", "tok_dropout"):
+            if getattr(cfg, key):
+                raise ConfigError(f"{prefix}.{key}={getattr(cfg, key)} is for {prefix}.family=alitok; the rear "
+                                  "family has no prefix tokens and no token dropout")
+
+    # ---- helpers ---------------------------------------------------------------------
 
     def _target_term(self, start: int, length: int) -> torch.Tensor:
         """T[p] for p in [start, start + length): A[p + 1] where 1 <= p <= N, zero elsewhere. (1, length, D)."""
@@ -279,33 +388,17 @@ class ReARGenerator(nn.Module):
         positions 1 .. min(n + 1, N), i.e. the predictions of t_0 .. t_{min(n, N - 1)}.
         The heads run inside this forward so that ZeRO-3 gathers their parameters like any other layer.
         """
-        cfg, N = self.cfg, self.cfg.num_tokens
-        if (encode_align or decode_align) and not self.with_align_heads:
-            raise ValueError("alignment features requested from a generator built without align heads")
+        N = self.cfg.num_tokens
         ids = torch.cat([class_ids[:, None], image_tokens], dim=1)
         x, cond = self._embed(ids, 0, class_ids, with_cls=True)
         cond = F.silu(cond)
-        enc = dec = None
-        for i, block in enumerate(self.blocks):
-            if i in self._checkpointed and torch.is_grad_enabled():
-                x = checkpoint(block, x, cond, use_reentrant=False)
-            else:
-                x = block(x, cond)
-            if encode_align and i == cfg.encode_align_layer:
-                enc = self.encode_align_mlp(x[:, 2:N + 2])
-            if decode_align and i == cfg.decode_align_layer:
-                dec = self.decode_align_mlp(x[:, 1:N + 1])
+        x, enc, dec = self._run_blocks(x, (cond,), encode_align, decode_align,
+                                       enc_rows=slice(2, N + 2), dec_rows=slice(1, N + 1))
         last = min(image_tokens.shape[1] + 1, N)
         out = self.adaln_before_head(x[:, 1:last + 1], cond[:, 1:last + 1])
         return self.lm_head(out), enc, dec
 
     # ---- incremental sampling ------------------------------------------------------------
-
-    def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
-        p = self.pos_embed
-        shape = (self.cfg.depth, batch, self.cfg.num_heads, self.cfg.seq_len, self.cfg.head_dim)
-        return KVCache(torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype),
-                       torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype))
 
     def forward_cached(self, class_ids: torch.Tensor, cache: KVCache,
                        new_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -325,54 +418,21 @@ class ReARGenerator(nn.Module):
         out = self.adaln_before_head(x[:, -1:], cond[:, -1:])
         return self.lm_head(out)[:, 0]
 
-    # ---- state dicts ------------------------------------------------------------------------
+    @staticmethod
+    def flops_per_sample(cfg: ModelConfig, include_align: bool = True, training: bool = True) -> float:
+        """Matmul FLOPs for one sequence of L = N + 2 positions (forward x3 for training).
 
-    def inference_state_dict(self) -> dict:
-        """The state dict without the training-only alignment heads."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(ALIGN_PREFIXES)}
-
-
-ALIGN_PREFIXES = ("encode_align_mlp.", "decode_align_mlp.")
-
-
-def count_parameters(cfg: ModelConfig, include_align: bool = False) -> int:
-    """Parameter count of a config, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        model = ReARGenerator(cfg, with_align_heads=include_align)
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_sample(cfg: ModelConfig, include_align: bool = True, training: bool = True) -> float:
-    """Matmul FLOPs for one sequence of L = N + 2 positions (forward x3 for training).
-
-    Every Linear runs on all L positions (the adaLN modulation is per position too); attention counts
-    the full L x L score and value products (the usual MFU convention, no causal discount). The align
-    heads run on N positions each. reAR-L comes to about 7.4e11 per training sample (spec section 11).
-    """
-    D, M, L, N = cfg.hidden_size, cfg.mlp_dim, cfg.seq_len, cfg.num_tokens
-    per_block = 3 * D * D + D * D + 2 * D * M + 6 * D * D  # qkv, proj, fc1+fc2, adaLN
-    linear = cfg.depth * per_block + 2 * D * D + D * cfg.codebook_size  # + final adaLN + lm_head
-    fwd = 2 * L * linear + cfg.depth * 4 * L * L * D
-    if include_align:
-        P, Z = cfg.align_proj_dim, cfg.align_z_dim
-        dims = [D] + [P] * (cfg.align_head_layers - 1) + [Z]
-        head = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-        fwd += 2 * 2 * N * head
-    return float(fwd * (3 if training else 1))
+        Every Linear runs on all L positions (the adaLN modulation is per position too); attention counts
+        the full L x L score and value products (the usual MFU convention, no causal discount). The align
+        heads run on N positions each. reAR-L comes to about 7.4e11 per training sample (spec section 11).
+        """
+        D, M, L = cfg.hidden_size, cfg.mlp_dim, cfg.seq_len
+        per_block = 3 * D * D + D * D + 2 * D * M + 6 * D * D  # qkv, proj, fc1+fc2, adaLN
+        linear = cfg.depth * per_block + 2 * D * D + D * cfg.codebook_size  # + final adaLN + lm_head
+        fwd = 2 * L * linear + cfg.depth * 4 * L * L * D
+        if include_align:
+            fwd += GeneratorBase.align_head_flops(cfg)
+        return float(fwd * (3 if training else 1))
 
 
-def load_generator(path: str, cfg: ModelConfig, device="cpu", with_align_heads: bool = False) -> ReARGenerator:
-    """Load a released reAR-{S,B,L} file or an exported one strictly; the align heads are optional."""
-    from rear_ds.models.weights import load_strict, read_state_dict
-
-    state = read_state_dict(path)
-    has_heads = any(k.startswith(ALIGN_PREFIXES) for k in state)
-    model = ReARGenerator(cfg, with_align_heads=with_align_heads)
-    if has_heads and not with_align_heads:
-        state = {k: v for k, v in state.items() if not k.startswith(ALIGN_PREFIXES)}
-    expected = (f"ReARGenerator(hidden_size={cfg.hidden_size}, depth={cfg.depth}, num_heads={cfg.num_heads}, "
-                f"mlp_dim={cfg.mlp_dim}, codebook_size={cfg.codebook_size}, num_classes={cfg.num_classes}, "
-                f"num_tokens={cfg.num_tokens})")
-    load_strict(model, state, what=f"generator weights {path}", expected=expected,
-                optional_prefixes=ALIGN_PREFIXES if with_align_heads else ())
-    return model.to(device).eval()
+ALIGN_PREFIXES = GeneratorBase.ALIGN_PREFIXES

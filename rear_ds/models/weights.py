@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rear_ds.tmpfile import ClaimedTmp
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _SHOW = 5  # keys listed per kind of mismatch; the rest are counted
@@ -148,13 +150,9 @@ def save_safetensors(state_dict: Mapping, path: str, metadata: Optional[dict] = 
         storages.add(ptr)
         tensors[name] = t
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with ClaimedTmp(path) as claim:  # one temporary name: a killed writer's leftover is reused, not leaked
+        save_file(tensors, claim.tmp, metadata=metadata)
+        claim.commit()
 
 
 def weights_sha256(path: str) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.weights import load_strict, read_state_dict, save_safetensors
 from rear_ds.toy.dataset import load_split, read_manifest
 
@@ -181,7 +182,5 @@ def ensure_classifier(data_root: str, out_dir: str, cfg: ClassifierTrainConfig =
     rep = {"cache_key": key, "weights": os.path.abspath(path), "num_classes": man["num_classes"],
            "train": asdict(cfg), "val_accuracy": val["consistency"], "val_per_class": val["per_class"],
            "train_seconds": round(time.time() - t0, 1)}
-    with open(rep_path + ".tmp", "w") as f:
-        json.dump(rep, f, indent=1)
-    os.replace(rep_path + ".tmp", rep_path)
+    write_json_atomic(rep_path, rep, sort_keys=False)
     return path, dict(rep, reused=False)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from rear_ds.data.shards import write_json_atomic
+
 # wnid-like folder names: sorted order == class index (what ImageFolder and data_prep/tokenize.py use).
 CLASSES = [
     # (name, shape, rgb colour, texture)
@@ -202,14 +204,11 @@ def make_dataset(root: str, spec: ToyDatasetSpec, progress: bool = True) -> tupl
                 Image.fromarray(arr).save(os.path.join(root, rel), format="PNG", compress_level=1)
                 bar.update(1)
     bar.close()
-    with open(os.path.join(root, "classes.json"), "w") as f:
-        json.dump([{"wnid": w, "name": CLASSES[i][0]} for i, w in enumerate(WNIDS)], f, indent=1)
+    write_json_atomic(os.path.join(root, "classes.json"),
+                      [{"wnid": w, "name": CLASSES[i][0]} for i, w in enumerate(WNIDS)], sort_keys=False)
     manifest = {"spec": asdict(spec), "num_classes": NUM_CLASSES, "classes": [c[0] for c in CLASSES],
                 "wnids": WNIDS, "counts": _counts(spec), "pixels_sha256": digest.hexdigest()}
-    tmp = man_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, man_path)
+    write_json_atomic(man_path, manifest, sort_keys=False)
     return manifest, False
 
 
@@ -227,7 +226,7 @@ def load_split(root: str, split: str, size: int = 0) -> tuple:
     images, labels = [], []
     for c in range(man["num_classes"]):
         for i in range(n):
-            img = Image.open(os.path.join(root, image_relpath(split, c, i))).convert("RGB")
+            img = Image.open(os.path.join(root, image_relpath(split, c, i)), formats=("PNG",)).convert("RGB")
             images.append(resize_like_tokenize(img, size))
             labels.append(c)
     return np.stack(images), np.asarray(labels, dtype=np.int64)

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from rear_ds.config import TokenizerConfig
+from rear_ds.data.shards import write_json_atomic
 from rear_ds.models.tokenizers import build_tokenizer
 from rear_ds.models.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from rear_ds.models.weights import save_safetensors
@@ -90,7 +92,7 @@ def read_report(out_dir: str) -> dict:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return rearrange(torch.from_numpy(images), "n h w c -> n c h w").float().div_(255.0)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,12 +143,12 @@ def vq_step(model: MaskGITVQGAN, x: torch.Tensor, beta: float, quantize: bool = 
     ``quantize=False`` is the plain-autoencoder warm-up: the decoder sees z itself.
     """
     z = model.encoder(x)
-    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    flat = rearrange(z.detach(), "b c h w -> (b h w) c")
     if not quantize:
         recon = model.decoder(z)
         return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x), recon, flat, None
     ids = model.quantize.nearest(z.detach())
-    e = model.quantize.embedding.weight.detach()[ids].permute(0, 3, 1, 2)
+    e = rearrange(model.quantize.embedding.weight.detach()[ids], "b h w c -> b c h w")
     zq = z + (e - z).detach()
     recon = model.decoder(zq)
     loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + beta * F.mse_loss(z, e)
@@ -158,7 +160,7 @@ def init_codebook(model: MaskGITVQGAN, images: torch.Tensor, gen: torch.Generato
     """Codebook rows := distinct random encoder outputs of ``n_images`` training images."""
     idx = torch.randperm(len(images), generator=gen)[:n_images]
     z = torch.cat([model.encoder(images[idx[i:i + 64]]) for i in range(0, len(idx), 64)])
-    z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    z = rearrange(z, "b c h w -> (b h w) c")
     k = model.quantize.embedding.weight.shape[0]
     pick = torch.randperm(len(z), generator=gen)[:k]
     if len(pick) < k:
@@ -277,7 +279,4 @@ def ensure_tokenizer(cfg: TokenizerConfig, data_root: str, out_dir: str, tcfg: V
 
 
 def _write_report(out_dir: str, report: dict) -> None:
-    tmp = os.path.join(out_dir, REPORT_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, REPORT_NAME))
+    write_json_atomic(os.path.join(out_dir, REPORT_NAME), report, sort_keys=False)

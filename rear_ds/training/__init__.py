@@ -5,6 +5,6 @@ ds_config    the DeepSpeed JSON: "auto" values filled from the YAML, batch and p
 optim        AdamW with the reference weight-decay groups, warmup + cosine LambdaLR
 checkpoint   complete-or-ignored checkpoints, RNG/data state, resume (also universal), keep-last-k
 signals      SIGTERM / SIGUSR1 -> checkpoint at the next step boundary, exit 75
-metrics      console, log.jsonl, W&B (offline unless configured), throughput / MFU, sample grids
+metrics      console, log.jsonl, W&B (offline unless configured), throughput / MFU, progress and ETA
 preflight    config checks that must fail before any model is built or data is read
 """

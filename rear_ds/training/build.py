@@ -7,39 +7,21 @@ import os
 
 import deepspeed
 import torch
-from torch import nn
 
-from rear_ds.models.generator import ALIGN_PREFIXES, ReARGenerator, apex_layernorm
+from rear_ds.models import build_generator, generator_class
+from rear_ds.models.generator import ALIGN_PREFIXES, GeneratorBase
 
 log = logging.getLogger("rear_ds")
 
 
-def choose_layernorm(t, apex_cls) -> tuple:
-    """(class, why) of the blocks' LayerNorms for train config ``t``, given apex's class (None: not installed).
-
-    apex's fused kernel pays off with 16-bit weights. Under autocast (bf16_autocast) it would run in bf16, where
-    torch's LayerNorm runs in fp32 (the reference numerics), and under torch.compile its custom autograd
-    function breaks the graph while inductor fuses torch's LayerNorm by itself: "auto" keeps torch's there."""
-    if t.apex_layernorm == "never" or apex_cls is None:
-        why = "train.apex_layernorm=never" if t.apex_layernorm == "never" else "apex not installed"
-        return nn.LayerNorm, why
-    if t.apex_layernorm == "always":
-        return apex_cls, "train.apex_layernorm=always"
-    if t.precision not in ("bf16", "fp16"):
-        return nn.LayerNorm, f"train.precision={t.precision} (apex would change the LayerNorm numerics)"
-    if t.compile:
-        return nn.LayerNorm, "train.compile=true (inductor fuses torch's LayerNorm; apex would break the graph)"
-    return apex_cls, f"apex installed, train.precision={t.precision}"
-
-
-def build_model(cfg, ds_cfg: dict, zero_stage: int) -> ReARGenerator:
+def build_model(cfg, ds_cfg: dict, zero_stage: int) -> GeneratorBase:
     """Under ZeRO-3 every parameter is partitioned as soon as its module is constructed, so no process
     ever holds the whole model; the generator initialises inside each layer's reset_parameters, which
     zero.Init runs on the full tensor before partitioning it, so the init is the reference one."""
-    norm_layer, why = choose_layernorm(cfg.train, apex_layernorm())
-    log.info("LayerNorm: %s.%s (%s)", norm_layer.__module__, norm_layer.__name__, why)
+    norm_layer, why = generator_class(cfg.model).norm_layer_for(cfg.train)
+    log.info("norm layer: %s.%s (%s)", norm_layer.__module__, norm_layer.__name__, why)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=zero_stage == 3):
-        model = ReARGenerator(cfg.model, with_align_heads=True, norm_layer=norm_layer)
+        model = build_generator(cfg.model, with_align_heads=True, norm_layer=norm_layer)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k)
     if cfg.train.compile:
         import torch
@@ -48,8 +30,7 @@ def build_model(cfg, ds_cfg: dict, zero_stage: int) -> ReARGenerator:
             # ZeRO-3's parameter-gathering hooks and the CPU path are not worth the compile risk.
             log.warning("train.compile=true ignored (needs a GPU and ZeRO stage < 3)")
         else:
-            for block in model.blocks:
-                block.compile()  # per block: small graphs, same state-dict names
+            model.compile_blocks()  # per block: small graphs, same state-dict names
     return model
 
 
@@ -72,7 +53,7 @@ def compute_device(model, zero_stage: int) -> torch.device:
     """Where ``model`` computes. Under ZeRO-3 a parameter's own device can be the host (offload_param), so ask
     the accelerator (cuda:i, or cpu) rather than a parameter."""
     if zero_stage != 3:
-        return model.pos_embed.device
+        return model.device
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
@@ -131,8 +112,8 @@ def sampling_model(model, cfg, zero_stage: int):
         for name, p in params:  # one parameter at a time: at most the replica + one full tensor in memory
             with deepspeed.zero.GatheredParameters([p]):
                 state[name] = p.data.detach().to(device, copy=True)
-        with torch.device("meta"):  # the same LayerNorm class as the trained model (apex or torch)
-            replica = ReARGenerator(cfg.model, with_align_heads=False, norm_layer=type(model.blocks[0].norm1))
+        with torch.device("meta"):  # the same norm class as the trained model (e.g. apex's or torch's LayerNorm)
+            replica = build_generator(cfg.model, with_align_heads=False, norm_layer=type(model.blocks[0].norm1))
         replica.load_state_dict(state, strict=True, assign=True)  # takes the gathered tensors as they are
         del state
         try:
@@ -162,8 +143,7 @@ def sample_grid(model, tokenizer, cfg, step: int, out_dir: str, rank: int, zero_
         torch.set_rng_state(cpu_rng)
     if rank != 0:
         return None
-    from rear_ds.training.metrics import save_grid
+    from rear_ds.evaluation.grid import save_grid
+    from rear_ds.evaluation.references import to_uint8_hwc
 
-    path = os.path.join(out_dir, "samples", f"step_{step:08d}.png")
-    save_grid(images, path)
-    return path
+    return save_grid(to_uint8_hwc(images), os.path.join(out_dir, "samples", f"step_{step:08d}.png"))

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
-from rear_ds.config import Config, ConfigError
+from rear_ds.config import Config, ConfigError, find_config_file
 
 # optimizer.params key in the DeepSpeed JSON -> getter on the YAML config
 _OPTIM_KEYS = {
@@ -26,8 +25,7 @@ _SCHED_KEYS = {  # DeepSpeed WarmupCosineLR / WarmupDecayLR names -> optim.<key>
 def load_json(path: str) -> dict:
     if not path:
         raise ConfigError("--deepspeed_config is required (one of ds_configs/*.json)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config file {path!r} does not exist")
+    path = find_config_file(path, "ds_configs", "DeepSpeed config file")
     with open(path) as f:
         try:
             return json.load(f)

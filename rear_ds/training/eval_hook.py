@@ -5,7 +5,8 @@ same Inception features and the same reference statistics file) so the number me
 is smaller, which biases FID upwards, so compare runs at the same ``train.eval_num_samples``.
 
 Every rank generates an equal share (same number of forward calls, as ZeRO-3's parameter gathers require),
-decodes it, and rank 0 gathers the images, scores them and returns the FID; the other ranks return None.
+decodes it and computes its Inception features; rank 0 gathers the features and returns the FID; the other
+ranks return None.
 Sample indices and classes follow ``rear_ds.sample`` (sample i has class i % C), so the images are the
 ones the full sampler would draw for the first N indices.
 """
@@ -50,21 +51,26 @@ def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> n
 
 
 def in_training_fid(model, tokenizer, cfg, rank: int, world: int, zero_stage: int) -> Optional[float]:
-    """FID of ``train.eval_num_samples`` samples against ``train.eval_ref_stats``; the value on rank 0, else None."""
-    from rear_ds.evaluation.fid import evaluate_fid
+    """FID of ``train.eval_num_samples`` samples against ``train.eval_ref_stats``; the value on rank 0, else None.
+    Every rank also computes the Inception features of its own share: rank 0 then only merges 2048-d features,
+    so the other ranks do not wait for it in their next collective (whose timeout that wait would count against)."""
+    from rear_ds.evaluation.fid import fid_of_features, pool_features
 
     t = cfg.train
+    share = _share(t.eval_num_samples, rank, world)
     rng = torch.get_rng_state()  # neither sampling nor Inception may shift the training RNG stream
     try:
-        images = generate_images(model, tokenizer, cfg, _share(t.eval_num_samples, rank, world), zero_stage)
+        images = generate_images(model, tokenizer, cfg, share, zero_stage)
+        images = images[: max(0, t.eval_num_samples - share.start)]  # the padding past N is not scored
+        features = pool_features(images, t.eval_inception_weights or None) if len(images) else np.zeros((0, 2048))
         if world > 1:
             import torch.distributed as dist
 
             gathered = [None] * world if rank == 0 else None
-            dist.gather_object(images, gathered, dst=0)
+            dist.gather_object(features, gathered, dst=0)
             if rank != 0:
                 return None
-            images = np.concatenate(gathered)
-        return evaluate_fid(images[: t.eval_num_samples], t.eval_ref_stats, t.eval_inception_weights or None)
+            features = np.concatenate(gathered)
+        return fid_of_features(features, t.eval_ref_stats)
     finally:
         torch.set_rng_state(rng)

@@ -5,15 +5,17 @@ Under ``srun`` (no launcher, one task per process) only SLURM_* variables exist:
 that ``torch.distributed`` can rendezvous over TCP with no ssh between nodes. The master address is
 the first host of SLURM_JOB_NODELIST (``scontrol show hostnames``, or our own parser when scontrol
 is not on PATH); the port is derived from the job id so that two jobs on one node do not collide.
+On GPUs the processes of each node then agree on who drives which visible GPU (:func:`assign_gpu`), which
+works for every Slurm GPU binding. Every script that starts a process group ends through :func:`exit_process`.
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Optional
 
 
 class LaunchError(RuntimeError):
@@ -74,7 +76,9 @@ def first_host(nodelist: str) -> str:
 
 
 def detect() -> LaunchEnv:
-    """Read the launcher's variables; under plain srun, export the ones torch.distributed needs."""
+    """Read the launcher's variables; under plain srun, export the ones torch.distributed needs. A CPU run
+    (DS_ACCELERATOR=cpu) gets no GPU (:func:`hide_gpus_from_cpu_runs`)."""
+    hide_gpus_from_cpu_runs()
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         step_tasks = env.get("SLURM_STEP_NUM_TASKS", "")
@@ -106,66 +110,166 @@ def detect() -> LaunchEnv:
     return LaunchEnv(0, 0, 1, "single")
 
 
-def cuda_device_index(local_rank: int, visible: int) -> int:
-    """The CUDA device of this process among the ``visible`` ones. Under ``srun --gpus-per-task=1`` or
-    ``--gpu-bind=single:1`` each task sees only its own GPU (as device 0), whatever its local rank."""
-    if visible == 1:
-        return 0
-    if local_rank < visible:
-        return local_rank
-    raise LaunchError(f"local rank {local_rank} but only {visible} GPUs are visible to this process "
-                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start one process "
-                      "per visible GPU, or bind one GPU per task (srun --gpus-per-task=1)")
+def visible_gpus() -> list:
+    """The GPUs this process sees, as CUDA_VISIBLE_DEVICES names them (indices or UUIDs; all of the node's when
+    it is unset). Processes of one job step on one node name a GPU the same way, so their lists compare."""
+    import torch
+
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [g.strip() for g in cvd.split(",") if g.strip()][:torch.cuda.device_count()]
+
+
+def assign_gpu(local_rank: int, visible: dict) -> int:
+    """This process's CUDA device index among the GPUs it sees.
+
+    ``visible``: local rank -> the GPUs that process sees, for this node's processes up to this one. Going
+    through them in local-rank order, each takes the first GPU of its list that no earlier one took. That is
+    the local rank when every process sees all GPUs (deepspeed, torchrun, plain srun), 0 when each sees only
+    its own (srun --gpus-per-task=1, --gpu-bind=single:1), and one GPU each when groups of processes share a
+    subset, in any task order (--gpu-bind=closest: 8 tasks, each seeing the 4 GPUs of its socket)."""
+    taken: set = set()
+    for r in range(local_rank + 1):
+        free = [g for g in visible[r] if g not in taken]
+        if not free:
+            raise LaunchError(
+                f"no GPU left for local rank {r}: it sees {visible[r]} (CUDA_VISIBLE_DEVICES) and the processes "
+                f"with lower local ranks on this node took {sorted(taken)}. Start at most one process per GPU, "
+                "or bind one GPU per task (srun --gpus-per-task=1)")
+        taken.add(free[0])
+    return visible[local_rank].index(free[0])
+
+
+def exchange_gpus(store, local_rank: int, world_size: int, mine: list, host: str) -> int:
+    """:func:`assign_gpu` with the GPU lists (``mine``: :func:`visible_gpus`) of the processes on ``host``,
+    exchanged through the rendezvous store: a device must be chosen before the process group opens its NCCL
+    communicator on it."""
+    import json
+
+    key = f"rear_gpus/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # torchrun's store outlives a restart
+    store.set(f"{key}{host}/{local_rank}", json.dumps(mine))
+    if store.add(f"{key}arrived", 1) == world_size:  # a barrier on the store
+        store.set(f"{key}all", "1")
+    store.wait([f"{key}all"])
+    visible = {r: json.loads(store.get(f"{key}{host}/{r}")) for r in range(local_rank)}
+    return assign_gpu(local_rank, {**visible, local_rank: mine})
+
+
+def hide_gpus_from_cpu_runs() -> None:
+    """A run on the CPU accelerator (DS_ACCELERATOR=cpu) on a GPU node must not touch CUDA: no context on a GPU
+    per process (the CUDA RNG state, pinned DataLoader memory), no MFU against the GPU's peak. Hiding the GPUs
+    before anything initialises CUDA does it for this process and every helper it starts."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def init_distributed(launch: LaunchEnv, timeout_s: int):
     """Start the process group: nccl on GPUs, gloo on the CPU. A dead or hung peer fails a collective
-    after ``timeout_s`` instead of blocking forever. Returns the torch device of this process."""
+    after ``timeout_s`` instead of blocking forever. Returns the torch device of this process.
+
+    The rendezvous store comes first: on GPUs the processes of a node agree through it on who drives which GPU
+    (:func:`exchange_gpus`) before the process group exists."""
     import deepspeed
     import torch
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+    from torch.distributed import distributed_c10d as c10d
 
-    acc = get_accelerator()
-    if acc.device_name() == "cuda":
-        index = cuda_device_index(launch.local_rank, torch.cuda.device_count())
-        # DeepSpeed (init_distributed, the engine, zero.Init) reads the device from $LOCAL_RANK: make it agree
-        os.environ["LOCAL_RANK"] = str(index)
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device(acc.device_name())
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():  # e.g. tests/scale_probe.py runs several trainings in one process group
+        return torch.device(get_accelerator().current_device_name())
     timeout = datetime.timedelta(seconds=timeout_s)
     # DeepSpeed makes its own groups (data-parallel, ZeRO) with dist.new_group(), which takes torch's module-wide
     # default (30 min gloo, 10 min nccl), not the world group's: make that default ours too.
-    from torch.distributed import distributed_c10d as c10d
-
     c10d.default_pg_timeout = timeout
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
+    store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    if get_accelerator().device_name() == "cuda":
+        import socket
+
+        index = exchange_gpus(store, launch.local_rank, launch.world_size, visible_gpus(), socket.gethostname())
+        # DeepSpeed (the engine, zero.Init) reads the device from $LOCAL_RANK: make it agree
+        os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
+    else:
+        device, backend = torch.device(get_accelerator().device_name()), "gloo"
+        at_exit(lambda code: remove_shm_buffers(launch.rank))
+        if launch.local_rank == 0:
+            remove_orphaned_shm_buffers()
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=launch.rank,
+                            world_size=launch.world_size, timeout=timeout,
+                            device_id=device if backend == "nccl" and launch.world_size > 1 else None)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-    if device.type == "cpu":
-        atexit.register(remove_shm_buffers, launch.rank)
     return device
 
 
-def shutdown() -> None:
-    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, NCCL can hang
-    (turning exit code 75, requeue me, into a kill) and gloo can abort the process ("terminate called without
-    an active exception", exit -6) after the work is done. Every script that starts a group calls this last,
-    in a ``finally``; not inside train.main(), which tests/scale_probe.py calls several times in one group."""
-    import logging
-
+def gather_problems(problem: Optional[str]) -> list:
+    """Every rank's problem (None = fine) on every rank, as "rank r: problem": one collective, so all ranks
+    take the same branch afterwards."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, problem)
+    return [f"rank {r}: {p}" for r, p in enumerate(out) if p]
+
+
+_at_exit: list = []
+
+
+def at_exit(fn) -> None:
+    """Run ``fn(exit_code)`` in :func:`exit_process` (the last registered first): Python's atexit handlers do
+    not run there. For what must happen however the process ends: finish the W&B run, unlink the CPU
+    all-reduce buffer, finish deleting old checkpoints."""
+    _at_exit.append(fn)
+
+
+def exit_process(code: int) -> "NoReturn":
+    """End this process with ``code`` now: the :func:`at_exit` work, flush the logs and stdio, ``os._exit``.
+    Every script that starts a process group ends through here, after its last collective.
+
+    Interpreter finalization is skipped on purpose: DeepSpeed keeps its engine and communication groups alive,
+    so gloo's threads (and rank 0's TCP store) still run when Python tears the modules down, and destroying the
+    backends under running threads aborts the process ("terminate called without an active exception",
+    SIGABRT) after the work is done; under NCCL that teardown can hang instead. Either turns exit 0 or 75
+    (requeue me) into a failure. Nothing is lost: the run's files are closed (and fsynced where it matters)
+    before this point or by the at_exit work."""
+    import logging
+    import sys
+
+    for fn in reversed(_at_exit):
         try:
-            dist.destroy_process_group()
-        except Exception as e:  # a broken group (the error path): exiting matters more
-            logging.getLogger("rear_ds").warning("destroy_process_group failed: %s", e)
+            fn(code)
+        except Exception as e:  # exiting with the right code matters more
+            logging.getLogger("rear_ds").warning("at exit: %s: %s", type(e).__name__, e)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def run_and_exit(main) -> "NoReturn":
+    """The ``__main__`` of every script that starts a process group: ``main()``'s return value (or SystemExit's
+    code; 1 and the traceback after an uncaught exception) through :func:`exit_process`."""
+    import traceback
+
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code or 0)
 
 
 SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
 
 
 def remove_shm_buffers(rank: int) -> list:
@@ -176,13 +280,61 @@ def remove_shm_buffers(rank: int) -> list:
     removed = []
     if not addr or not port:
         return removed
-    path = os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getuid()}_{addr}_{port}_{rank}")
     try:
         os.unlink(path)
         removed.append(path)
     except OSError:  # never created (no shm op on this backend) or already gone
         pass
     return removed
+
+
+def remove_orphaned_shm_buffers() -> list:
+    """Unlink this user's DeepSpeed CPU all-reduce buffers that no living process holds: those of runs whose
+    processes were killed (SIGKILL skips every cleanup). DeepSpeed's C++ keeps the buffer's file descriptors
+    open and its pages mapped in the creator and in every peer for their whole life, so a buffer in no
+    process's ``/proc/<pid>/fd`` or ``/proc/<pid>/maps`` has no process left, and one that another run on this
+    node uses is never touched. Called at the start of a CPU run, once per node. Returns the paths removed."""
+    mine = f"{SHM_PREFIX}{os.getuid()}_"
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
+    except OSError:
+        return []
+    held = _shm_files_in_use() if names else set()
+    removed = []
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        if path not in held:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        import logging
+
+        logging.getLogger("rear_ds").warning(
+            "removed %d DeepSpeed CPU all-reduce buffer(s) of runs whose processes are gone from %s: %s",
+            len(removed), SHM_DIR, ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def _shm_files_in_use() -> set:
+    """Paths under /dev/shm that some process this user may inspect has open or mapped."""
+    held = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}").split(" (deleted)")[0])
+                except OSError:
+                    continue
+            with open(f"/proc/{pid}/maps") as f:
+                held.update(line[line.index(SHM_DIR + "/"):].rstrip("\n").split(" (deleted)")[0]
+                            for line in f if SHM_DIR + "/" in line)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return {p for p in held if p.startswith(SHM_DIR + "/")}
 
 
 # --------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 W&B never needs the network unless it is configured: ``wandb.mode`` (or the WANDB_MODE variable, which
 wins) chooses; with neither, it is "online" only if an API key is configured, else "offline". The run id is
-stored in ``<out_dir>/wandb_id`` and reused on resume, so a requeued job continues the same W&B run.
-Only rank 0 logs; every number is already reduced over ranks by the caller.
+stored in ``<out_dir>/wandb_id`` and reused on resume, so a requeued job continues the same W&B run. Records
+carry the optimizer step as the metric ``train/step`` (the x-axis of every chart) instead of W&B's own step:
+a resumed run logs again the steps after its checkpoint, which W&B would drop as lower than the run's last
+step. Only rank 0 logs; every number is already reduced over ranks by the caller.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import uuid
 from typing import Optional
 
 import torch
+
+from rear_ds.training import launch_env
 
 log = logging.getLogger("rear_ds")
 
@@ -71,6 +75,51 @@ def wandb_mode(cfg_mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def wandb_run_of(run_dir: str) -> dict:
+    """``wandb.init`` arguments that continue the W&B run of the training run in ``run_dir``: its run id (the
+    ``wandb_id`` file), project and mode (config.yaml's wandb section, chosen as for training: WANDB_MODE wins,
+    offline without an API key). ValueError when the folder has no W&B run."""
+    import yaml
+
+    from rear_ds.config import WandbConfig
+
+    id_file = os.path.join(run_dir, "wandb_id")
+    if not os.path.isfile(id_file):
+        raise ValueError(f"{run_dir!r} has no wandb_id file: not a training run folder (train.out_dir), or "
+                         f"its training ran with wandb.enabled=false")
+    cfg_path, section = os.path.join(run_dir, "config.yaml"), {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            section = (yaml.safe_load(f) or {}).get("wandb") or {}
+    defaults = WandbConfig()
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    return {"project": section.get("project", defaults.project), "id": run_id, "resume": "allow",
+            "mode": wandb_mode(section.get("mode", defaults.mode)), "dir": run_dir}
+
+
+def log_to_wandb_run(init: dict, values: dict, step: Optional[int], prefix: str) -> str:
+    """Log ``values`` as ``<prefix>/<key>`` to the run ``init`` names (see :func:`wandb_run_of`), against the
+    training step (``train/step``) when it is known. W&B takes one writer per run at a time: call this when
+    the training run is not writing. Returns where the values went, for the log."""
+    import wandb
+
+    run = wandb.init(**init)
+    try:
+        values = {f"{prefix}/{k}": v for k, v in values.items()}
+        if step is not None:  # (W&B would fill an unknown step with the last one it saw)
+            run.define_metric("train/step")
+            run.define_metric(f"{prefix}/*", step_metric="train/step")
+            values["train/step"] = step
+        run.log(values)
+    finally:
+        run.finish()
+        # finish() can return before W&B's service has written the run (wandb 0.31, offline: the first run of a
+        # process had only its file header on disk); teardown waits for it.
+        wandb.teardown()
+    return f"W&B run {init['id']} of project {init['project']} ({init['mode']} mode, files under {init['dir']})"
+
+
 class RunLogger:
     """Rank 0 only (other ranks get a RunLogger with enabled=False that does nothing)."""
 
@@ -82,6 +131,9 @@ class RunLogger:
         if not enabled:
             return
         self.jsonl = open(os.path.join(out_dir, "log.jsonl"), "a", buffering=1)
+        # Progress: steps this process has done so far, for the ETA (a resumed run counts from its start step).
+        self.max_steps, self._t0, self._step0 = cfg.train.max_steps, time.perf_counter(), run_info["start_step"]
+        launch_env.at_exit(lambda code: self.close(exit_code=code))
         self.write({"event": "start", **run_info})
         if cfg.wandb.enabled:
             import wandb
@@ -96,6 +148,9 @@ class RunLogger:
             mode = wandb_mode(cfg.wandb.mode)
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.run_name or None, id=self.wandb_id,
                                     resume="allow", mode=mode, dir=out_dir, config=cfg.to_dict())
+            self.wandb.define_metric("train/step")
+            for pattern in ("train/*", "samples"):
+                self.wandb.define_metric(pattern, step_metric="train/step")
             self.wandb.summary.update({k: v for k, v in run_info.items() if not isinstance(v, (dict, list))})
             log.info("W&B run %s (%s mode)", self.wandb_id, mode)
 
@@ -103,14 +158,25 @@ class RunLogger:
         if self.enabled:
             self.jsonl.write(json.dumps(record) + "\n")
 
+    def eta_s(self, step: int) -> Optional[float]:
+        """Seconds to train.max_steps at the average pace of this process so far (checkpoints, sample grids
+        and evaluations included)."""
+        done = step - self._step0
+        return (self.max_steps - step) * (time.perf_counter() - self._t0) / done if done > 0 else None
+
     def log_step(self, record: dict) -> None:
         if not self.enabled:
             return
+        training = "loss" in record  # else an evaluation record (in-training FID)
+        if training:
+            record["eta_s"] = self.eta_s(record["step"])
         self.write(record)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
-                           step=record["step"])
-        parts = [f"step {record['step']}"]
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None})
+        parts = [f"step {record['step']}/{self.max_steps}"]
+        if training:
+            eta = record["eta_s"]
+            parts.append(f"eta {format_duration(eta)}" if eta is not None else "eta n/a")
         for k, fmt in (("loss", ".4f"), ("ce", ".4f"), ("enc_align", ".4f"), ("dec_align", ".4f"),
                        ("token_acc", ".3f"), ("rho", ".3f"), ("lr", ".2e"), ("grad_norm", ".3f"),
                        ("samples_per_s", ".1f"), ("tflops", ".2f"), ("mfu", ".3f"), ("data_wait_frac", ".2f"),
@@ -118,19 +184,23 @@ class RunLogger:
             v = record.get(k)
             if v is not None:
                 parts.append(f"{k} {v:{fmt}}")
+            elif k == "mfu" and training:
+                parts.append("mfu n/a")  # no known peak: the CPU, or a GPU missing from PEAK_TFLOPS (train.peak_tflops)
         log.info(" | ".join(parts))
 
     def log_image(self, path: str, step: int) -> None:
         if self.enabled and self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples": wandb.Image(path)}, step=step)
+            self.wandb.log({"samples": wandb.Image(path), "train/step": step})
 
-    def close(self) -> None:
-        if self.enabled:
+    def close(self, exit_code: int = 0) -> None:
+        """Close log.jsonl and finish the W&B run (which may upload for a while: call it after the last
+        collective). Also run by launch_env.exit_process on every other way out, with the exit code."""
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=exit_code)
 
 
 class Throughput:
@@ -166,6 +236,14 @@ class Throughput:
         return out
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m", 185 -> "3m05s", 42 -> "42s"."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class DataDigest:
     """A running hash of the micro-batches this rank consumed, content and order (logged as ``data_digest``,
     rank 0's): two runs that log the same digests saw the same data in the same order (the ablation checks
@@ -197,18 +275,3 @@ def peak_memory_gb() -> Optional[float]:
     except Exception:
         return None
 
-
-def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:
-    """(B, 3, H, W) in [0, 1] -> one PNG grid (uint8 by truncation, as the reference sampler)."""
-    from PIL import Image
-
-    B, _, H, W = images.shape
-    ncol = min(ncol, B)
-    nrow = (B + ncol - 1) // ncol
-    grid = torch.zeros(3, nrow * H, ncol * W)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i].float().cpu()
-    arr = (grid.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path)

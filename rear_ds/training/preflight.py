@@ -31,8 +31,9 @@ def check_paths(cfg: Config) -> None:
 
 
 def check_data(cfg: Config) -> None:
-    """The token shards' manifest agrees with the model and the tokenizer (codebook size, grid, sequence length,
-    the tokenizer weights' sha256 when the manifest records it). Reads manifest.json only, no shard."""
+    """The token shards' manifest agrees with the model and the tokenizer (family, codebook size, token layout,
+    sequence length: shards.check_manifest; the tokenizer weights' sha256 when the manifest records it).
+    Reads manifest.json only, no shard."""
     from rear_ds.data import shards as S
 
     d = cfg.data
@@ -44,18 +45,8 @@ def check_data(cfg: Config) -> None:
         m = S.load_manifest(folder)
     except S.ShardError as e:
         raise ConfigError(f"data.shards={d.shards!r}: {e}") from None
-    mc, tc = cfg.model, cfg.tokenizer
-    for key, want in (("codebook_size", mc.codebook_size), ("num_tokens", mc.num_tokens)):
-        if m.get(key) is not None and m.get(key) != want:
-            raise ConfigError(f"token shards {mpath}: {key}={m.get(key)} disagrees with model.{key}={want} "
-                              "(tokenized with another tokenizer or resolution?)")
-    tok = m.get("tokenizer") or {}
-    if tok.get("codebook_size") is not None and tok["codebook_size"] != tc.codebook_size:
-        raise ConfigError(f"token shards {mpath}: made by a tokenizer with codebook_size={tok['codebook_size']}, "
-                          f"but tokenizer.codebook_size={tc.codebook_size}")
-    if tok.get("grid") is not None and list(tok["grid"]) != list(tc.grid):
-        raise ConfigError(f"token shards {mpath}: token grid {list(tok['grid'])}, but the tokenizer config gives "
-                          f"{list(tc.grid)} (tokenizer.image_size={tc.image_size}, tokenizer.channel_mult)")
+    S.check_manifest(m, mpath, cfg.model, cfg.tokenizer)
+    tc, tok = cfg.tokenizer, m.get("tokenizer") or {}
     sha = tok.get("weights_sha256")
     if sha and tc.weights and os.path.isfile(tc.weights):
         from rear_ds.models.tokenizers import tokenizer_weights_sha256
@@ -95,3 +86,38 @@ def check_resume(cfg: Config) -> None:
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} holds checkpoint {os.path.join(ckpt_dir, resume.tag)} "
                           f"of another architecture, which this run would resume from: {'; '.join(diffs)}. "
                           "Use another train.out_dir, or the config the checkpoint was trained with.")
+
+
+def check_shared_out_dir(out_dir: str) -> None:
+    """Collective, after rank 0 created ``out_dir``: every rank must see that same folder. On several nodes it
+    must be on a file system they share; a node-local folder of the same name would take each node's part of
+    every checkpoint where rank 0, which commits it, never looks (a COMPLETE checkpoint that cannot be loaded).
+    Rank 0 writes a file with a fresh name there (no NFS client has a cached answer for a new name), every
+    rank reads it back; raises ConfigError on every rank, naming those that did not find it."""
+    import socket
+    import uuid
+
+    import torch.distributed as dist
+
+    from rear_ds.training.launch_env import gather_problems
+
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, f".shared-check-{token[0]}"), "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0)  # after the write
+    path = os.path.join(out_dir, f".shared-check-{token[0]}")
+    try:
+        with open(path) as f:
+            problem = None if f.read() == token[0] else f"{path} holds something else"
+    except OSError as e:
+        problem = (f"{os.path.abspath(out_dir)} on host {socket.gethostname()} lacks the file rank 0 just wrote "
+                   f"({e.strerror})")
+    problems = gather_problems(problem)
+    if dist.get_rank() == 0:
+        os.remove(path)
+    if problems:
+        raise ConfigError(f"train.out_dir={out_dir!r} is not one folder shared by all ranks: {'; '.join(problems)}. "
+                          "Put it on a file system every node mounts (checkpoints are written by all ranks into it).")

@@ -18,18 +18,30 @@ EXIT_ERROR = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 
 _received: list = []
+_reported = [False]
 
 
 def _handler(signum, frame):  # noqa: ARG001
-    if not _received:
-        log.warning("received %s: will checkpoint at the next step boundary and exit %d",
-                    signal.Signals(signum).name, EXIT_PREEMPTED)
+    # Only record it: Python runs this between two bytecodes of the main thread, possibly in the middle of a
+    # write to the same buffered stdout a log call would use ("reentrant call" RuntimeError). StopFlag.poll
+    # says it at the next step.
     _received.append(signum)
 
 
 def install() -> None:
+    """SIGTERM and SIGUSR1 ask for a checkpoint and exit 75. SIGXFSZ is ignored: a file-size limit (ulimit -f)
+    then fails the write with EFBIG, handled like a full disk, instead of killing the process."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _handler)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def report() -> None:
+    """Log the first signal received (outside the handler), once."""
+    if _received and not _reported[0]:
+        _reported[0] = True
+        log.warning("received %s: will checkpoint at the next step boundary and exit %d",
+                    signal.Signals(_received[0]).name, EXIT_PREEMPTED)
 
 
 class StopFlag:
@@ -50,6 +62,7 @@ class StopFlag:
 
     def poll(self) -> bool:
         """Collective: call on all ranks once per step. True when some rank had a signal at the last poll."""
+        report()
         # torch.full: a fill kernel on the GPU, no host-to-device copy (a pageable copy would synchronise)
         flag = torch.full((1,), 1 if _received else 0, dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, not the host
@@ -71,11 +84,13 @@ class StopFlag:
 
 def run_helper(cmd: list, **popen_kw) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` for a helper the trainer waits on (e.g.
-    ds_to_universal), with SIGUSR1 blocked in the helper. Slurm delivers its warning signal to every process of
-    the step, and SIGUSR1's default action is to terminate: the helper would die half-way, while the signal is
-    meant for the trainer, which checkpoints at its next step boundary. The block is inherited through exec; in
-    this process it lasts only while the helper is spawned (a signal that arrives then is delivered right after)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    ds_to_universal), with SIGUSR1 and SIGTERM blocked in the helper. Slurm delivers its warning signal, and on
+    scancel/preemption SIGTERM, to every process of the step, and both terminate by default: the helper would
+    die half-way, while the signal is meant for the trainer, which checkpoints at its next step boundary (a
+    helper that outlives the job is ended by Slurm's SIGKILL after KillWait). The block is inherited through
+    exec; in this process it lasts only while the helper is spawned (a signal that arrives then is delivered
+    right after)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from rear_ds.config import TokenizerConfig
@@ -163,8 +164,8 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latent -> (B, h, w) int64 ids of the nearest codebook rows."""
-        b, c, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # raster order: index = row * w + col
+        b, _, h, w = z.shape
+        flat = rearrange(z, "b c h w -> (b h w) c")  # raster order: index = row * w + col
         emb = self.embedding.weight
         # |z|^2 + |e|^2 - 2 z.e, computed in this order as in the reference (matters only for near-ties).
         dist = torch.addmm(flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1)[None, :], flat, emb.t(),
@@ -208,22 +209,6 @@ class MaskGITVQGAN(Tokenizer):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w) or (B, h * w) token ids (flat ones in raster order) -> (B, 3, H, W) in [0, 1]."""
-        if tokens.ndim == 2:
-            if tokens.shape[1] != self.num_tokens:
-                raise ValueError(f"{self.name}.decode: flat tokens must have {self.num_tokens} = "
-                                 f"{self.grid[0]}x{self.grid[1]} entries, got {tuple(tokens.shape)}")
-            tokens = tokens.reshape(-1, *self.grid)
-        elif tokens.ndim != 3:
-            raise ValueError(f"{self.name}.decode expects (B, h, w) or (B, h*w) ids, got {tuple(tokens.shape)}")
-        # Checked here because an out-of-range id (e.g. the generator's [MASK] id K) would otherwise be
-        # an opaque device-side assert on GPU.
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(f"{self.name}.decode: token ids must be in [0, {self.codebook_size}), got "
-                             f"range [{int(tokens.min())}, {int(tokens.max())}]")
-        z = self.codebook_vectors(tokens).permute(0, 3, 1, 2)  # (B, embed_dim, h, w)
+        ids = self.flat_ids(tokens).reshape(-1, *self.grid)
+        z = rearrange(self.codebook_vectors(ids), "b h w c -> b c h w")
         return self.decoder(z).clamp(0.0, 1.0)
-
-    def codebook_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(...) ids -> (..., embed_dim) raw codebook rows, i.e. ``codebook[tokens]``."""
-        weight = self.quantize.embedding.weight
-        return F.embedding(tokens.to(weight.device, torch.long), weight)
