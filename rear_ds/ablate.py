@@ -29,7 +29,6 @@ A rerun with the same settings reuses every finished training run and sample set
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -41,7 +40,7 @@ import time
 
 import numpy as np
 
-from rear_ds import demo
+from rear_ds import cli, demo
 
 # The objective switches of each arm; everything else is identical within a seed.
 SWITCHES = ("noisy_context", "encode_align", "decode_align")
@@ -358,8 +357,7 @@ def print_summary(rep: dict, md: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rear_ds.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, "python -m rear_ds.ablate", "rear-ablate")
     p.add_argument("--out", default=None, help="run folder (default runs/ablate, runs/ablate_quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: seeds {QUICK['seeds']}, {QUICK['steps']} steps, {QUICK['samples_per_class']} "
