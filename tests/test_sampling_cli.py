@@ -171,21 +171,6 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     assert rc == 1 and "/nope.bin" in err
 
 
-def test_worker_detection():
-    from rear_ds.sample import SampleError, detect_worker
-
-    assert detect_worker(env={}).count == 1
-    w = detect_worker(env={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
-    assert (w.index, w.count, w.local_rank) == (1, 4, 1)
-    w = detect_worker(env={"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_ARRAY_TASK_ID": "7",
-                           "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"})
-    assert (w.index, w.count) == (2 * 4 + 2, 12)
-    w = detect_worker(task_id=1, num_tasks=2, env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "9"})
-    assert (w.index, w.count) == (1, 2)  # explicit flags win over the array variables
-    with pytest.raises(SampleError):
-        detect_worker(task_id=2, num_tasks=2, env={})
-
-
 def test_gather_reports_missing_and_duplicates(reference_run, tmp_path):
     import json
 
