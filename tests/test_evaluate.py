@@ -359,3 +359,70 @@ def test_checkpoint_step_comes_from_the_exported_metadata(tmp_path):
     save_safetensors({"w": torch.zeros(2)}, path, metadata={"step": ""})  # an export of an unknown step
     assert checkpoint_step(path) is None
     assert checkpoint_step(str(tmp_path / "gone.safetensors")) is None
+
+
+def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, inception, tmp_path):
+    """Issue 20 item 10 + issue 16 item 2 (sharded evaluation), through slurm/sample.sh with the environment of
+    `sbatch --ntasks=4 --array=0-1` and no srun (SLURM_PROCID=0, SLURM_NTASKS=4 in each batch script): every
+    chunk is made (each task used to take itself for process 0 of 4: 1 of 3 chunks) with its Inception features;
+    rear_ds.evaluate merges them into the metrics of a single pass. Stored features that are absent or come from
+    other Inception weights are recomputed and named, never mixed in."""
+    import shutil
+
+    from rear_ds.evaluate import main
+    from rear_ds.evaluation import chunk_features as cf
+    from rear_ds.evaluation.stats import fid_stats, save_ref_stats
+
+    out = str(tmp_path / "array")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               REAR_INCEPTION_WEIGHTS=inception, SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_NPROCS="4",
+               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="2")
+    cmd = ["bash", "slurm/sample.sh", "--checkpoint", samples["ckpt"], "--out-dir", out, "--num-samples", str(N),
+           "--chunk-size", "4", "--batch-size", "4", "--inception-batch-size", "10", "--no-progress"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, SLURM_ARRAY_TASK_ID=str(t)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for t in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert "SLURM_NTASKS=4 outside an srun step" in err
+    names = [f"chunk_{k:06d}.npz" for k in range(3)]
+    assert sorted(n for n in os.listdir(out) if n.startswith("chunk_")) == names
+    assert sorted(os.listdir(os.path.join(out, cf.FEATURES_DIR))) == names
+    got = np.concatenate([np.load(os.path.join(out, n))["images"] for n in names])
+    assert got.tobytes() == samples["images"].tobytes()  # the same images as the single-process run
+
+    ref = str(tmp_path / "ref_stats.npz")
+    save_ref_stats(ref, *fid_stats(feats["f_shift"][0]), features=feats["f_shift"][0])
+
+    def evaluate(folder, name):
+        assert main(["--samples", folder, "--reference", ref, "--inception-weights", inception, "--out",
+                     str(tmp_path / name), "--batch-size", "10", "--is-splits", "2", "--no-adm-npz"]) == 0
+        with open(tmp_path / name / "results.json") as f:
+            return json.load(f)
+
+    merged = evaluate(out, "merged")
+    assert merged["accounting"]["chunks_features_from_sampler"] == 3
+    single = str(tmp_path / "single")  # the same chunks without stored features: one pass through Inception
+    shutil.copytree(out, single, ignore=shutil.ignore_patterns(cf.FEATURES_DIR))
+    whole = evaluate(single, "whole")
+    assert whole["accounting"]["chunks_features_computed"] == 3
+    assert set(merged["metrics"]) == set(whole["metrics"]) >= {"fid", "inception_score_mean", "precision"}
+    for k, v in whole["metrics"].items():  # bit for bit when measured (same device, same batches); 1e-6 stated
+        assert merged["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    # chunk 0's features gone, chunk 1's made with other weights (its file says so): both recomputed and named
+    os.remove(cf.features_path(out, names[0]))
+    path1 = cf.features_path(out, names[1])
+    d = dict(np.load(path1))
+    made_by = json.loads(str(d["extractor"]))
+    d["extractor"] = np.array(json.dumps(dict(made_by, inception_weights_sha256="0" * 64)))
+    d["pool"] = d["pool"] + 1.0  # features that must not reach the metrics
+    np.savez(path1, **d)
+    mixed = evaluate(out, "mixed")
+    acc = mixed["accounting"]
+    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (1, 2)
+    assert acc["features_recomputed"] == [f"{names[1]}: made by another Inception: inception_weights_sha256 "
+                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
+    for k, v in whole["metrics"].items():
+        assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
