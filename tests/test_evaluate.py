@@ -361,7 +361,8 @@ def test_checkpoint_step_comes_from_the_exported_metadata(tmp_path):
     assert checkpoint_step(str(tmp_path / "gone.safetensors")) is None
 
 
-def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, inception, tmp_path):
+def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, inception, extractor, tmp_path,
+                                                                capsys):
     """Issue 20 item 10 + issue 16 item 2 (sharded evaluation), through slurm/sample.sh with the environment of
     `sbatch --ntasks=4 --array=0-1` and no srun (SLURM_PROCID=0, SLURM_NTASKS=4 in each batch script): every
     chunk is made (each task used to take itself for process 0 of 4: 1 of 3 chunks) with its Inception features;
@@ -426,3 +427,17 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
                                           f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
     for k, v in whole["metrics"].items():
         assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    # a sampler rerun with the weights makes no image, only the features that are missing or stale
+    from rear_ds.sample import main as sample_main
+
+    capsys.readouterr()
+    assert sample_main(cmd[2:] + ["--inception-weights", inception]) == 0
+    err = capsys.readouterr().err
+    assert f"recomputing the Inception features of {names[1]}: made by another Inception" in err
+    assert "3 already complete, 0 to do" in err
+    for n in names:
+        d = np.load(os.path.join(out, n))
+        stored, why = cf.read(cf.features_path(out, n), d["indices"], merged["samples_fingerprint"],
+                              cf.images_sha256(d["images"]), extractor.identity())
+        assert why == "" and np.array_equal(stored[0], cf.compute(extractor, d["images"])[0]), n
