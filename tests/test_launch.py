@@ -85,6 +85,23 @@ def test_cuda_index_maps_through_the_visible_gpus():
         cuda_index(0, 0)
 
 
+def test_local_device(monkeypatch):
+    """The device sampling and tokenization open: --device wins; else the mapped GPU; else the CPU."""
+    import torch
+
+    from rear_ds.launch import local_device
+
+    third = parse({"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_STEP_NUM_TASKS": "4"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: CUDA_VISIBLE_DEVICES=3
+    assert local_device(third) == local_device(third, "auto") == "cuda:0"
+    assert local_device(third, "cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_device(third) == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device(third) == "cpu"
+
+
 def test_every_entry_point_uses_it(monkeypatch):
     """Sampling, tokenization and training read the same numbers from the same batch-script environment."""
     from rear_ds.data.tokenize_job import JobError, resolve_worker

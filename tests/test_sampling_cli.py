@@ -47,9 +47,8 @@ def sample_cmd(ckpt, out_dir, *extra, n=N):
 
 
 def env(**extra):
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID",
-                      "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")}
+    e = {k: v for k, v in os.environ.items()  # a suite run inside a Slurm job must not split the work
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("SLURM_")}
     e.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
     return e
 
