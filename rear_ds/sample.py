@@ -52,6 +52,9 @@ import numpy as np
 
 from rear_ds import cli, launch
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.evaluation import chunk_features
+from rear_ds.evaluation.chunks import chunk_name, remove_stale_tmp
+from rear_ds.evaluation.safe_npz import load_npz
 from rear_ds.models.weights import weights_sha256
 
 FORMAT = "rear_ds.samples/v1"
@@ -261,55 +264,52 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
 
 
 class ChunkFeatures:
-    """The Inception features of this worker's chunks (:mod:`rear_ds.evaluation.chunk_features`), when the weights
-    are given: of each chunk it writes (:meth:`write`), and of its complete chunks whose features are missing or
-    stale (``todo``, done by :meth:`finish`), so ``rear_ds.evaluate`` only merges them."""
+    """The Inception features of this worker's chunks (:mod:`rear_ds.evaluation.chunk_features`) when weights are
+    given, so that ``rear_ds.evaluate`` only merges them."""
 
-    def __init__(self, out_dir: str, args, device, fingerprint: str, complete: list):
-        from rear_ds.evaluation import chunk_features as cf
-        from rear_ds.evaluation.chunks import chunk_name, remove_stale_tmp
-        from rear_ds.evaluation.inception import ENV_VAR, InceptionFeatures, InceptionWeightsError
-        from rear_ds.evaluation.safe_npz import load_npz
+    def __init__(self, out_dir: str, weights: Optional[str], batch_size: int, device, fingerprint: str):
+        from rear_ds.evaluation.inception import InceptionFeatures, InceptionWeightsError
 
-        self.out_dir, self.fp, self.cf, self.todo, self.extractor = out_dir, fingerprint, cf, [], None
-        self._name, self._load_npz = chunk_name, load_npz
-        if not (args.inception_weights or os.environ.get(ENV_VAR)):
-            return
-        try:
-            self.extractor = InceptionFeatures(args.inception_weights, device=device, batch_size=args.inception_batch_size)
-        except InceptionWeightsError as e:
-            raise SampleError(str(e)) from None
-        folder = os.path.join(out_dir, cf.FEATURES_DIR)
+        self.out_dir, self.fp, self.written, self.extractor = out_dir, fingerprint, 0, None
+        if weights:
+            try:
+                self.extractor = InceptionFeatures(weights, device=device, batch_size=batch_size)
+            except InceptionWeightsError as e:
+                raise SampleError(str(e)) from None
+
+    def _chunk(self, k: int) -> dict:
+        return load_npz(os.path.join(self.out_dir, chunk_name(k)), "sample chunk", keys=("images", "indices"))
+
+    def stale(self, complete: list) -> list:
+        """The chunks among ``complete`` whose stored features are missing or do not fit (named on stderr)."""
+        if self.extractor is None:
+            return []
+        folder = os.path.join(self.out_dir, chunk_features.FEATURES_DIR)
         if os.path.isdir(folder):
             remove_stale_tmp(folder, {chunk_name(k) for k in complete})
-        identity = self.extractor.identity()
+        out = []
         for k in complete:
-            d = self._load(k)
-            _, why = cf.read(cf.features_path(out_dir, chunk_name(k)), d["indices"], fingerprint,
-                             cf.images_sha256(d["images"]), identity)
+            d = self._chunk(k)
+            _, why = chunk_features.read(chunk_features.features_path(self.out_dir, chunk_name(k)), d["indices"],
+                                         self.fp, chunk_features.images_sha256(d["images"]), self.extractor.identity())
             if why:
-                self.todo.append(k)
+                out.append(k)
                 if why != "absent":
-                    print(f"rear_ds.sample: recomputing the Inception features of {chunk_name(k)}: {why}", file=sys.stderr)
+                    print(f"rear_ds.sample: recomputing the Inception features of {chunk_name(k)}: {why}",
+                          file=sys.stderr)
+        return out
 
-    def _load(self, k: int) -> dict:
-        return self._load_npz(os.path.join(self.out_dir, self._name(k)), "sample chunk", keys=("images", "indices"))
-
-    def write(self, k: int, images: np.ndarray, indices: np.ndarray) -> None:
+    def write(self, k: int, images: Optional[np.ndarray] = None, indices: Optional[np.ndarray] = None) -> None:
+        """Compute and store chunk ``k``'s features (from its file when ``images`` is None)."""
         if self.extractor is None:
             return
-        pool, logits = self.cf.compute(self.extractor, images)
-        self.cf.write(self.cf.features_path(self.out_dir, self._name(k)), pool, logits, indices, self.fp,
-                      self.cf.images_sha256(images), self.extractor)
-
-    def finish(self, no_progress: bool) -> None:
-        if not self.todo:
-            return
-        with cli.progress(len(self.todo), "inception features (chunks)", disable=no_progress) as bar:
-            for k in self.todo:
-                d = self._load(k)
-                self.write(k, d["images"], d["indices"])
-                bar.update(1)
+        if images is None:
+            d = self._chunk(k)
+            images, indices = d["images"], d["indices"]
+        pool, logits = chunk_features.compute(self.extractor, images)
+        chunk_features.write(chunk_features.features_path(self.out_dir, chunk_name(k)), pool, logits, indices,
+                             self.fp, chunk_features.images_sha256(images), self.extractor)
+        self.written += 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,8 +365,8 @@ def run(args) -> int:
     import torch
 
     from rear_ds.backends import enable_fast_kernels
-    from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
-                                           num_chunks, remove_stale_tmp, write_chunk)
+    from rear_ds.evaluation.chunks import chunk_is_complete, chunk_range, chunks_for_worker, num_chunks, write_chunk
+    from rear_ds.evaluation.inception import ENV_VAR as INCEPTION_ENV
     from rear_ds.models import load_generator
     from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
 
@@ -420,14 +420,15 @@ def run(args) -> int:
     print(f"rear_ds.sample: worker {me.worker}/{me.workers} ({me.source}) on {device}: "
           f"{len(mine)} of {total} chunks are mine, {skipped} already complete, {len(todo)} to do",
           file=sys.stderr, flush=True)
-    features = ChunkFeatures(out_dir, args, device, fp, [k for k in mine if k not in todo]) if mine else None
+    weights = (args.inception_weights or os.environ.get(INCEPTION_ENV, "")) if mine else ""
+    features = ChunkFeatures(out_dir, weights, args.inception_batch_size, device, fp)
+    stale = features.stale([k for k in mine if k not in todo])
 
     stats = {"worker": me.worker, "num_workers": me.workers, "worker_source": me.source,
              "host": socket.gethostname(), "device": str(device), "fingerprint": fp,
              "chunks_assigned": len(mine), "chunks_skipped_complete": skipped, "chunks_regenerated_invalid":
              len(replaced), "chunks_written": 0, "images_generated": 0, "seconds": 0.0,
-             "inception_features": "none (no --inception-weights)" if features is None or not features.extractor
-             else f"{len(todo) + len(features.todo)} chunks to do, {len(mine) - len(todo) - len(features.todo)} valid"}
+             "inception_features": "on" if features.extractor else "off (no --inception-weights)"}
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     t0 = time.time()
     if todo:
@@ -448,8 +449,9 @@ def run(args) -> int:
                 features.write(k, images, indices)
         finally:
             bar.close()
-    if features is not None:
-        features.finish(args.no_progress)
+    for k in stale:  # complete chunks whose features are missing or stale
+        features.write(k)
+    stats["inception_features_written"] = features.written
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["images_generated"] / max(stats["seconds"], 1e-9), 3)
     log_path = os.path.join(out_dir, "logs", f"worker_{me.worker:04d}_of_{me.workers:04d}.json")
