@@ -1,4 +1,4 @@
-"""Where am I? Rank, local rank and world size under the deepspeed launcher, torchrun or srun.
+"""Training's launch: the rendezvous for the rank, local rank and world size :mod:`rear_ds.launch` reads.
 
 The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 Under ``srun`` (no launcher, one task per process) only SLURM_* variables exist: we translate them so
