@@ -68,8 +68,13 @@ def _pair(env: Mapping, a: str, b: str) -> bool:
     return a in env
 
 
+def _check(index: int, count: int, what: str) -> None:
+    if count < 1 or not 0 <= index < count:
+        raise LaunchError(f"{what}: {index} is outside 0..{count - 1}")
+
+
 def _processes(env: Mapping) -> tuple:
-    """(rank, procs, local_rank, launcher, source, the two variables' names) of this process within its task."""
+    """(rank, procs, local_rank, launcher, source) of this process within its task."""
     step = env.get("SLURM_STEP_NUM_TASKS")
     if _pair(env, "RANK", "WORLD_SIZE"):
         rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0)
@@ -82,45 +87,42 @@ def _processes(env: Mapping) -> tuple:
                 "srun tasks, so these are left over from an earlier export. Unset RANK, WORLD_SIZE and LOCAL_RANK "
                 "(rear_ds derives them from SLURM_PROCID / SLURM_STEP_NUM_TASKS under plain srun), or start a "
                 "launcher (deepspeed, torchrun) in each task.")
-        return rank, world, local, "deepspeed/torchrun", f"RANK={rank}/WORLD_SIZE={world}", ("RANK", "WORLD_SIZE")
+        _check(rank, world, f"RANK={rank} WORLD_SIZE={world}")
+        return rank, world, local, "deepspeed/torchrun", f"RANK={rank}/WORLD_SIZE={world}"
     if step is not None:  # a task of an srun step: srun sets SLURM_STEP_NUM_TASKS, sbatch does not
         if "SLURM_PROCID" not in env:
             raise LaunchError(f"SLURM_STEP_NUM_TASKS={step!r} is set but SLURM_PROCID is not: set both or neither")
         rank, procs = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
-        return (rank, procs, _int(env, "SLURM_LOCALID", 0), "slurm",
-                f"srun task SLURM_PROCID={rank} of SLURM_STEP_NUM_TASKS={procs}", ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
+        _check(rank, procs, f"SLURM_PROCID={rank} SLURM_STEP_NUM_TASKS={procs}")
+        source = f"srun task SLURM_PROCID={rank} of SLURM_STEP_NUM_TASKS={procs}"
+        return rank, procs, _int(env, "SLURM_LOCALID", 0), "slurm", source
     source = "one process"
     if _int(env, "SLURM_NTASKS", 1) > 1:
         source += (f" (SLURM_NTASKS={env['SLURM_NTASKS']} outside an srun step, SLURM_STEP_NUM_TASKS unset: the "
                    "batch script runs once; start one process per task with srun)")
-    return 0, 1, 0, "single", source, ("", "")
+    return 0, 1, 0, "single", source
 
 
 def _array(env: Mapping, task_id: Optional[int], num_tasks: Optional[int]) -> tuple:
-    """(task, tasks, source, names) of this array task."""
+    """(task, tasks, source) of this array task."""
     if task_id is not None or num_tasks is not None:
         if task_id is None or num_tasks is None:
             raise LaunchError(f"--task-id ({task_id}) and --num-tasks ({num_tasks}) must be given together "
                               "(aliases --rank/--world-size)")
-        return task_id, num_tasks, f"task {task_id} of {num_tasks} (flags)", ("task id", "number of tasks")
+        _check(task_id, num_tasks, f"task id {task_id} of --num-tasks {num_tasks}")
+        return task_id, num_tasks, f"task {task_id} of {num_tasks} (flags)"
     if not _pair(env, "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
-        return 0, 1, "", ("", "")
-    offset = _int(env, "SLURM_ARRAY_TASK_ID") - _int(env, "SLURM_ARRAY_TASK_MIN", 0)
-    stride, count = _int(env, "SLURM_ARRAY_TASK_STEP", 1), _int(env, "SLURM_ARRAY_TASK_COUNT")
-    if stride < 1 or offset % stride:
-        raise LaunchError(f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} is not SLURM_ARRAY_TASK_MIN="
-                          f"{env.get('SLURM_ARRAY_TASK_MIN', 0)} plus a multiple of SLURM_ARRAY_TASK_STEP={stride}: "
-                          "use an evenly spaced --array range, or pass --task-id/--num-tasks")
+        return 0, 1, ""
+    first, stride = _int(env, "SLURM_ARRAY_TASK_MIN", 0), _int(env, "SLURM_ARRAY_TASK_STEP", 1)
+    offset, count = _int(env, "SLURM_ARRAY_TASK_ID") - first, _int(env, "SLURM_ARRAY_TASK_COUNT")
+    where = (f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} SLURM_ARRAY_TASK_MIN={first} "
+             f"SLURM_ARRAY_TASK_STEP={stride} SLURM_ARRAY_TASK_COUNT={count}")
+    if stride < 1 or offset % stride or not 0 <= offset // stride < count:
+        raise LaunchError(f"{where}: the task is not one of {count} evenly spaced ids from the minimum; use an "
+                          "evenly spaced --array range (not a list such as --array=1,5,9), or pass "
+                          "--task-id/--num-tasks")
     task = offset // stride
-    return (task, count, f"array task {task} of {count} (SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} - "
-            f"SLURM_ARRAY_TASK_MIN={env.get('SLURM_ARRAY_TASK_MIN', 0)})",
-            ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"))
-
-
-def _check_range(index: int, count: int, names: tuple, what: str) -> None:
-    if count < 1 or not 0 <= index < count:
-        raise LaunchError(f"{what} {names[0] or 'index'}={index} is outside 0..{count - 1} "
-                          f"({names[1] or 'count'}={count})")
+    return task, count, f"array task {task} of {count} ({where})"
 
 
 def parse(env: Optional[Mapping] = None, task_id: Optional[int] = None, num_tasks: Optional[int] = None,
@@ -128,13 +130,11 @@ def parse(env: Optional[Mapping] = None, task_id: Optional[int] = None, num_task
     """This process's :class:`Launch` from ``env`` (default ``os.environ``; never modified) and the task flags.
     ``array=False`` ignores array tasks (training: an array job of trainings is several independent runs)."""
     env = os.environ if env is None else env
-    rank, procs, local, launcher, source, names = _processes(env)
-    _check_range(rank, procs, names, "process rank")
+    rank, procs, local, launcher, source = _processes(env)
     if local < 0 or local > rank:
         raise LaunchError(f"local rank {local} (LOCAL_RANK / SLURM_LOCALID) is outside 0..{rank} (the process "
-                          f"rank {rank}, {source})")
-    task, tasks, array_source, names = _array(env, task_id, num_tasks) if array else (0, 1, "", ("", ""))
-    _check_range(task, tasks, names, "array task")
+                          f"rank, {source})")
+    task, tasks, array_source = _array(env, task_id, num_tasks) if array else (0, 1, "")
     return Launch(rank, procs, local, task, tasks, launcher, ", ".join(filter(None, (source, array_source))))
 
 

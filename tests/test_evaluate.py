@@ -368,11 +368,9 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     chunk is made (each task used to take itself for process 0 of 4: 1 of 3 chunks) with its Inception features;
     rear_ds.evaluate merges them into the metrics of a single pass. Stored features that are absent or come from
     other Inception weights are recomputed and named, never mixed in."""
-    import shutil
-
     from rear_ds.evaluate import main
     from rear_ds.evaluation import chunk_features as cf
-    from rear_ds.evaluation.stats import fid_stats, save_ref_stats
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats, inception_score, precision_recall, save_ref_stats
 
     out = str(tmp_path / "array")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE",
@@ -394,23 +392,30 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     got = np.concatenate([np.load(os.path.join(out, n))["images"] for n in names])
     assert got.tobytes() == samples["images"].tobytes()  # the same images as the single-process run
 
-    ref = str(tmp_path / "ref_stats.npz")
-    save_ref_stats(ref, *fid_stats(feats["f_shift"][0]), features=feats["f_shift"][0])
+    ref = str(tmp_path / "ref_stats.npz")  # half of the samples and half of their shifted copies: P/R inside (0, 1)
+    ref_features = np.concatenate([feats["f"][0][:5], feats["f_shift"][0][5:]]).astype(np.float32)
+    save_ref_stats(ref, *fid_stats(ref_features), features=ref_features)
 
-    def evaluate(folder, name):
-        assert main(["--samples", folder, "--reference", ref, "--inception-weights", inception, "--out",
+    def evaluate(name):
+        assert main(["--samples", out, "--reference", ref, "--inception-weights", inception, "--out",
                      str(tmp_path / name), "--batch-size", "10", "--is-splits", "2", "--no-adm-npz"]) == 0
         with open(tmp_path / name / "results.json") as f:
             return json.load(f)
 
-    merged = evaluate(out, "merged")
+    merged = evaluate("merged")
     assert merged["accounting"]["chunks_features_from_sampler"] == 3
-    single = str(tmp_path / "single")  # the same chunks without stored features: one pass through Inception
-    shutil.copytree(out, single, ignore=shutil.ignore_patterns(cf.FEATURES_DIR))
-    whole = evaluate(single, "whole")
-    assert whole["accounting"]["chunks_features_computed"] == 3
-    assert set(merged["metrics"]) == set(whole["metrics"]) >= {"fid", "inception_score_mean", "precision"}
-    for k, v in whole["metrics"].items():  # bit for bit when measured (same device, same batches); 1e-6 stated
+    # the unsharded evaluation: the same formulas on the features of all samples from one pass (one batch of 10)
+    pool, logits = (f.astype(np.float32) for f in feats["f"])
+    stored = [cf.read(cf.features_path(out, names[k]), np.arange(4 * k, min(N, 4 * k + 4)),
+                      merged["samples_fingerprint"], cf.images_sha256(samples["images"][4 * k:4 * k + 4]),
+                      extractor.identity())[0] for k in range(3)]
+    np.testing.assert_allclose(np.concatenate([p for p, _ in stored]), pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([lg for _, lg in stored]), logits, rtol=1e-5, atol=1e-6)
+    whole = {"fid": fid_from_features(pool, *fid_stats(ref_features))}
+    whole["inception_score_mean"], whole["inception_score_std"] = inception_score(logits, 2)
+    whole["precision"], whole["recall"] = precision_recall(pool, ref_features, 3)
+    assert set(merged["metrics"]) == set(whole) and 0 < whole["recall"] < 1
+    for k, v in whole.items():  # equal to the last bit when measured; 1e-6 is the stated tolerance
         assert merged["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
     # chunk 0's features gone, chunk 1's made with other weights (its file says so): both recomputed and named
@@ -421,12 +426,12 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     d["extractor"] = np.array(json.dumps(dict(made_by, inception_weights_sha256="0" * 64)))
     d["pool"] = d["pool"] + 1.0  # features that must not reach the metrics
     np.savez(path1, **d)
-    mixed = evaluate(out, "mixed")
+    mixed = evaluate("mixed")
     acc = mixed["accounting"]
     assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (1, 2)
     assert acc["features_recomputed"] == [f"{names[1]}: made by another Inception: inception_weights_sha256 "
                                           f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
-    for k, v in whole["metrics"].items():
+    for k, v in whole.items():
         assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
     # a sampler rerun with the weights makes no image, only the features that are missing or stale

@@ -43,33 +43,33 @@ def test_batch_script_without_srun_is_one_process():
 
 
 def test_array_offset_and_stride():
-    assert where(parse({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "8", "SLURM_ARRAY_TASK_COUNT": "8"}))[3:5] \
-        == (4, 8)
+    offset = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "8", "SLURM_ARRAY_TASK_COUNT": "8"}  # --array=8-15
+    assert where(parse(offset))[3:5] == (4, 8)
     strided = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
                "SLURM_ARRAY_TASK_COUNT": "4"}  # --array=0-7:2
     assert where(parse(strided))[3:5] == (3, 4)
-    with pytest.raises(LaunchError, match="SLURM_ARRAY_TASK_ID=5 is not SLURM_ARRAY_TASK_MIN=0 plus a multiple"):
+    with pytest.raises(LaunchError, match="SLURM_ARRAY_TASK_ID=5 .* not one of 4 evenly spaced ids"):
         parse({**strided, "SLURM_ARRAY_TASK_ID": "5"})
-    with pytest.raises(LaunchError, match=r"SLURM_ARRAY_TASK_ID=8 is outside 0..2 \(SLURM_ARRAY_TASK_COUNT=3\)"):
+    with pytest.raises(LaunchError, match=r"SLURM_ARRAY_TASK_ID=9 SLURM_ARRAY_TASK_MIN=1 .*\(not a list"):
         parse({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})  # --array=1,5,9
 
 
 @pytest.mark.parametrize("env, flags, message", [
     ({"RANK": "1"}, {}, "RANK='1' is set but WORLD_SIZE is not"),
     ({"WORLD_SIZE": "2"}, {}, "WORLD_SIZE='2' is set but RANK is not"),
-    ({"RANK": "4", "WORLD_SIZE": "4"}, {}, r"RANK=4 is outside 0..3 \(WORLD_SIZE=4\)"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, {}, "RANK=4 WORLD_SIZE=4: 4 is outside 0..3"),
     ({"RANK": "one", "WORLD_SIZE": "4"}, {}, "RANK='one' is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "0"}, {}, r"RANK=0 is outside 0..-1 \(WORLD_SIZE=0\)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, {}, "RANK=0 WORLD_SIZE=0: 0 is outside 0..-1"),
     ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}, {}, "local rank 2 .* is outside 0..1"),
     ({"RANK": "0", "WORLD_SIZE": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}, {},
      "RANK=0 WORLD_SIZE=1 .* srun task 2 of a 4-task step"),
-    ({"SLURM_PROCID": "4", "SLURM_STEP_NUM_TASKS": "4"}, {}, r"SLURM_PROCID=4 is outside 0..3 \(SLURM_STEP_NUM_TASKS=4\)"),
+    ({"SLURM_PROCID": "4", "SLURM_STEP_NUM_TASKS": "4"}, {}, "SLURM_PROCID=4 SLURM_STEP_NUM_TASKS=4: 4 is outside"),
     ({"SLURM_STEP_NUM_TASKS": "4"}, {}, "SLURM_STEP_NUM_TASKS='4' is set but SLURM_PROCID is not"),
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4x"}, {}, "SLURM_STEP_NUM_TASKS='4x' is not an integer"),
     ({"SLURM_ARRAY_TASK_ID": "3"}, {}, "SLURM_ARRAY_TASK_ID='3' is set but SLURM_ARRAY_TASK_COUNT is not"),
     ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "n"}, {}, "SLURM_ARRAY_TASK_COUNT='n' is not an integer"),
     ({}, {"task_id": 1}, r"--task-id \(1\) and --num-tasks \(None\) must be given together"),
-    ({}, {"task_id": 2, "num_tasks": 2}, r"task id=2 is outside 0..1 \(number of tasks=2\)"),
+    ({}, {"task_id": 2, "num_tasks": 2}, "task id 2 of --num-tasks 2: 2 is outside 0..1"),
 ])
 def test_contradictions_are_named(env, flags, message):
     with pytest.raises(LaunchError, match=message):

@@ -611,7 +611,8 @@ def build_parser():
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: Slurm variables, else 1)")
     p.add_argument("--workers", type=int, default=4, help="parallel decode worker processes (0 = in-process)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per tokenizer forward pass")
-    p.add_argument("--device", default="auto", help="auto (this process's GPU among those it sees if available, else cpu), cpu, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (this process's GPU among those it sees if available, "
+                   "else cpu), cpu, cuda:N")
     p.add_argument("--finalize", action="store_true", help="check all ranks' shards and write manifest.json "
                    "(needs only --out)")
     return p
