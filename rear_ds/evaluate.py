@@ -10,7 +10,9 @@
    order), streamed chunk by chunk, so ``python evaluator.py VIRTUAL_imagenet256_labeled.npz
    samples_adm.npz`` (guided-diffusion, TF) can produce the numbers papers report.
 3. Computes, with torch-fidelity's InceptionV3 (local weights only): FID (pool_3 "2048"), Inception Score
-   ("logits_unbiased", 10 splits), precision and recall (k = 3, pool_3 features).
+   ("logits_unbiased", 10 splits), precision and recall (k = 3, pool_3 features). A chunk whose features the
+   sampler stored (:mod:`rear_ds.evaluation.chunk_features`) is not run through Inception again when they were
+   made from its images by the same weights; other stored features are recomputed and named.
    Reference: an ADM reference batch .npz (its stored mu/sigma for FID, its arr_0 images for P/R), a
    ``ref_stats`` .npz, a folder of images, or a token-shard set decoded with the tokenizer (--config).
 4. Writes ``<out>/results.json`` (checkpoint, sampling settings, N, reference, evaluator, metrics,
@@ -144,11 +146,13 @@ def main(argv=None) -> int:
 
 
 def evaluate(args) -> dict:
-    from rear_ds.evaluation.chunks import gather_chunks, iter_images
+    from rear_ds.evaluation import chunk_features
+    from rear_ds.evaluation.chunks import gather_chunks
     from rear_ds.evaluation.grid import save_grid
     from rear_ds.evaluation.inception import InceptionFeatures, resolve_inception_weights
     from rear_ds.evaluation.ref_stats import reference_statistics
     from rear_ds.evaluation.references import open_reference
+    from rear_ds.evaluation.safe_npz import load_npz
     from rear_ds.evaluation.stats import fid_from_features, inception_score, precision_recall
     from rear_ds.sample import read_manifest
     from rear_ds.training.metrics import log_to_wandb_run, wandb_run_of
@@ -167,19 +171,34 @@ def evaluate(args) -> dict:
     extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
     adm = None if args.no_adm_npz else AdmNpzWriter(os.path.join(args.out, ADM_NPZ), (N,) + gathered.image_shape)
     pools, logits, grid, counted = [], [], [], 0
+    feats = {"chunks_features_from_sampler": 0, "chunks_features_computed": 0, "features_recomputed": []}
+    identity = extractor.identity()
     class_counts = np.zeros(C, dtype=np.int64)
     try:
         with cli.progress(N, "inception (samples)") as bar:
-            for images, labels in iter_images(gathered.files, batch_size=args.batch_size):
+            for path in gathered.files:  # index order; a chunk's features are the sampler's when they fit
+                data = load_npz(path, "sample chunk", keys=("images", "labels", "indices"))
+                images = data["images"]
                 if adm is not None:
                     adm.write(images)
                 if len(grid) < args.grid_size:
                     grid.extend(images[:args.grid_size - len(grid)])
-                pool, logit = extractor(images)
-                pools.append(pool.astype(np.float32))
-                logits.append(logit)
+                stored, why = chunk_features.read(chunk_features.features_path(args.samples, path), data["indices"],
+                                                  manifest["fingerprint"], chunk_features.images_sha256(images),
+                                                  identity)
+                if stored is not None:
+                    feats["chunks_features_from_sampler"] += 1
+                else:
+                    stored = chunk_features.compute(extractor, images)
+                    feats["chunks_features_computed"] += 1
+                    if why != "absent":
+                        feats["features_recomputed"].append(f"{os.path.basename(path)}: {why}")
+                        print(f"rear_ds.evaluate: recomputing the Inception features of {os.path.basename(path)}: "
+                              f"the stored ones were {why}", file=sys.stderr)
+                pools.append(stored[0])
+                logits.append(stored[1])
                 counted += images.shape[0]
-                np.add.at(class_counts, labels, 1)
+                np.add.at(class_counts, data["labels"], 1)
                 bar.update(images.shape[0])
         if adm is not None:
             adm.close()
@@ -239,7 +258,7 @@ def evaluate(args) -> dict:
         "evaluator": dict(extractor.describe(), is_splits=args.is_splits, prc_neighborhood=args.prc_k,
                           fid_formula=("|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) via symmetric eigendecompositions "
                                      "(same value as torch_fidelity fid_statistics_to_metric)")),
-        "accounting": dict(gathered.accounting, samples_scored=int(counted),
+        "accounting": dict(gathered.accounting, **feats, samples_scored=int(counted),
                            per_class_min=int(class_counts.min()), per_class_max=int(class_counts.max()),
                            reference_images=ref_stats["num_images"], reference_images_skipped=len(ref.skipped)),
         "outputs": {"adm_npz": None if adm is None else os.path.abspath(adm.path),

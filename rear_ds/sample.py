@@ -18,16 +18,17 @@ multiple of C, so every class gets exactly N / C samples. Sample i's randomness 
 depend on how many processes or array tasks share the work.
 
 Work split: chunks of ``--chunk-size`` indices, chunk k -> worker k % W. Workers are numbered
-``task * P + rank``: P processes per task from RANK/WORLD_SIZE (torchrun, deepspeed) or SLURM_PROCID/
-SLURM_NTASKS (srun); tasks from --task-id/--num-tasks (aliases --rank/--world-size, as slurm/sample.sh
-passes them) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT.
-No process group is created: workers never talk to each other.
+``task * P + rank`` (:mod:`rear_ds.launch`): P processes per task (torchrun/deepspeed, or an srun step), array
+tasks from --task-id/--num-tasks (aliases --rank/--world-size, as slurm/sample.sh passes them) or Slurm's array
+variables. No process group is created: workers never talk to each other.
 
 Outputs in --out-dir: ``chunk_{k:06d}.npz`` (format in :mod:`rear_ds.evaluation.chunks`), written
 atomically and skipped on rerun when complete and valid; ``manifest.json`` (checkpoint + sha256,
 tokenizer, sampling settings, N, chunk size, seed, fingerprint), identical from every worker; a rerun
 with other settings into the same folder is refused; ``logs/worker_XXXX_of_YYYY.json`` (per-worker
-accounting: chunks skipped / written, images, images/s).
+accounting: chunks skipped / written, images, images/s); with --inception-weights (or
+$REAR_INCEPTION_WEIGHTS) ``inception/chunk_{k:06d}.npz``, the chunk's Inception features, which
+``rear_ds.evaluate`` merges instead of recomputing (:mod:`rear_ds.evaluation.chunk_features`).
 """
 from __future__ import annotations
 
@@ -49,8 +50,11 @@ from typing import Optional
 
 import numpy as np
 
-from rear_ds import cli
+from rear_ds import cli, launch
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.evaluation import chunk_features
+from rear_ds.evaluation.chunks import chunk_name, remove_stale_tmp
+from rear_ds.evaluation.safe_npz import load_npz
 from rear_ds.models.weights import weights_sha256
 
 FORMAT = "rear_ds.samples/v1"
@@ -61,47 +65,6 @@ KILL_AFTER_ENV = "REAR_SAMPLE_KILL_AFTER_CHUNKS"
 
 class SampleError(RuntimeError):
     """Bad arguments, an unusable checkpoint, or an output folder holding another run."""
-
-
-# --------------------------------------------------------------------------------------
-# Who am I
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Worker:
-    index: int  # 0 .. count-1
-    count: int
-    local_rank: int
-    source: str  # human-readable: where the numbers came from
-
-
-def detect_worker(task_id: Optional[int] = None, num_tasks: Optional[int] = None, env=None) -> Worker:
-    """Combine array-task and in-job process numbering into one worker index (see module docstring)."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, procs, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-        src = f"RANK={rank}/WORLD_SIZE={procs}"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, procs, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        src = f"SLURM_PROCID={rank}/SLURM_NTASKS={procs}"
-    else:
-        rank, procs, local, src = 0, 1, 0, "single process"
-    if task_id is None and num_tasks is None and "SLURM_ARRAY_TASK_ID" in env:
-        offset = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        task_id = int(env["SLURM_ARRAY_TASK_ID"]) - offset
-        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-        src += f", array task {task_id} of {num_tasks} (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)"
-    elif task_id is not None or num_tasks is not None:
-        if task_id is None or num_tasks is None:
-            raise SampleError("--task-id and --num-tasks must be given together")
-        src += f", task {task_id} of {num_tasks} (--task-id/--num-tasks)"
-    task_id, num_tasks = task_id or 0, num_tasks or 1
-    if not 0 <= task_id < num_tasks:
-        raise SampleError(f"task id {task_id} is outside 0..{num_tasks - 1}")
-    if not 0 <= rank < procs:
-        raise SampleError(f"process rank {rank} is outside 0..{procs - 1} ({src})")
-    return Worker(task_id * procs + rank, num_tasks * procs, local, src)
 
 
 # --------------------------------------------------------------------------------------
@@ -300,6 +263,55 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
     return np.concatenate(images), indices % num_classes, indices, np.concatenate(token_list)
 
 
+class ChunkFeatures:
+    """The Inception features of this worker's chunks (:mod:`rear_ds.evaluation.chunk_features`) when weights are
+    given, so that ``rear_ds.evaluate`` only merges them."""
+
+    def __init__(self, out_dir: str, weights: Optional[str], batch_size: int, device, fingerprint: str):
+        from rear_ds.evaluation.inception import InceptionFeatures, InceptionWeightsError
+
+        self.out_dir, self.fp, self.written, self.extractor = out_dir, fingerprint, 0, None
+        if weights:
+            try:
+                self.extractor = InceptionFeatures(weights, device=device, batch_size=batch_size)
+            except InceptionWeightsError as e:
+                raise SampleError(str(e)) from None
+
+    def _chunk(self, k: int) -> dict:
+        return load_npz(os.path.join(self.out_dir, chunk_name(k)), "sample chunk", keys=("images", "indices"))
+
+    def stale(self, complete: list) -> list:
+        """The chunks among ``complete`` whose stored features are missing or do not fit (named on stderr)."""
+        if self.extractor is None:
+            return []
+        folder = os.path.join(self.out_dir, chunk_features.FEATURES_DIR)
+        if os.path.isdir(folder):
+            remove_stale_tmp(folder, {chunk_name(k) for k in complete})
+        out = []
+        for k in complete:
+            d = self._chunk(k)
+            _, why = chunk_features.read(chunk_features.features_path(self.out_dir, chunk_name(k)), d["indices"],
+                                         self.fp, chunk_features.images_sha256(d["images"]), self.extractor.identity())
+            if why:
+                out.append(k)
+                if why != "absent":
+                    print(f"rear_ds.sample: recomputing the Inception features of {chunk_name(k)}: {why}",
+                          file=sys.stderr)
+        return out
+
+    def write(self, k: int, images: Optional[np.ndarray] = None, indices: Optional[np.ndarray] = None) -> None:
+        """Compute and store chunk ``k``'s features (from its file when ``images`` is None)."""
+        if self.extractor is None:
+            return
+        if images is None:
+            d = self._chunk(k)
+            images, indices = d["images"], d["indices"]
+        pool, logits = chunk_features.compute(self.extractor, images)
+        chunk_features.write(chunk_features.features_path(self.out_dir, chunk_name(k)), pool, logits, indices,
+                             self.fp, chunk_features.images_sha256(images), self.extractor)
+        self.written += 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, "python -m rear_ds.sample", "rear-sample")
     p.add_argument("--checkpoint", required=True,
@@ -314,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array task index (else SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
     p.add_argument("--num-tasks", "--world-size", dest="num_tasks", type=int, default=None,
                    help="number of array tasks (else SLURM_ARRAY_TASK_COUNT)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", default=None, help="default: this process's GPU among those it sees (cuda:LOCAL_RANK "
+                   "modulo their number) if available, else cpu")
     g = p.add_argument_group("sampling (default: the config's sampling section)")
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--guidance-power", type=float, default=None)
@@ -326,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     g.add_argument("--batch-size", type=int, default=None, help="samples per forward (CFG doubles it)")
     g.add_argument("--seed", type=int, default=None)
+    p.add_argument("--inception-weights", default=None,
+                   help="also store the Inception features of every chunk (rear_ds.evaluate then merges them): "
+                   "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: $REAR_INCEPTION_WEIGHTS)")
+    p.add_argument("--inception-batch-size", type=int, default=50, help="Inception batch size (as rear_ds.evaluate's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -348,12 +365,15 @@ def run(args) -> int:
     import torch
 
     from rear_ds.backends import enable_fast_kernels
-    from rear_ds.evaluation.chunks import (chunk_is_complete, chunk_name, chunk_range, chunks_for_worker,
-                                           num_chunks, remove_stale_tmp, write_chunk)
+    from rear_ds.evaluation.chunks import chunk_is_complete, chunk_range, chunks_for_worker, num_chunks, write_chunk
+    from rear_ds.evaluation.inception import ENV_VAR as INCEPTION_ENV
     from rear_ds.models import load_generator
     from rear_ds.models.tokenizers import build_tokenizer, tokenizer_weights_sha256
 
-    worker = detect_worker(args.task_id, args.num_tasks)
+    try:
+        me = launch.parse(task_id=args.task_id, num_tasks=args.num_tasks)
+    except launch.LaunchError as e:
+        raise SampleError(f"launch environment: {e}") from None
     out_dir = os.path.abspath(args.out_dir)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     overrides = list(args.overrides)
@@ -368,10 +388,7 @@ def run(args) -> int:
     if N % C:
         raise SampleError(f"--num-samples {N} is not a multiple of the {C} classes: every class must get "
                           f"exactly N / C samples")
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{worker.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(launch.local_device(me, args.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     enable_fast_kernels()  # TF32 for the fp32 sampler, as the reference sample script allows
@@ -386,7 +403,7 @@ def run(args) -> int:
     fp = manifest["fingerprint"]
 
     total = num_chunks(N, cs)
-    mine = chunks_for_worker(total, worker.index, worker.count)
+    mine = chunks_for_worker(total, me.worker, me.workers)
     remove_stale_tmp(out_dir, {chunk_name(k) for k in mine})
     todo, skipped, replaced = [], 0, []
     for k in mine:
@@ -400,21 +417,25 @@ def run(args) -> int:
                 replaced.append(f"{chunk_name(k)}: {why}")
     for r in replaced:
         print(f"rear_ds.sample: regenerating {r}", file=sys.stderr)
-    print(f"rear_ds.sample: worker {worker.index}/{worker.count} ({worker.source}) on {device}: "
+    print(f"rear_ds.sample: worker {me.worker}/{me.workers} ({me.source}) on {device}: "
           f"{len(mine)} of {total} chunks are mine, {skipped} already complete, {len(todo)} to do",
           file=sys.stderr, flush=True)
+    weights = (args.inception_weights or os.environ.get(INCEPTION_ENV, "")) if mine else ""
+    features = ChunkFeatures(out_dir, weights, args.inception_batch_size, device, fp)
+    stale = features.stale([k for k in mine if k not in todo])
 
-    stats = {"worker": worker.index, "num_workers": worker.count, "worker_source": worker.source,
+    stats = {"worker": me.worker, "num_workers": me.workers, "worker_source": me.source,
              "host": socket.gethostname(), "device": str(device), "fingerprint": fp,
              "chunks_assigned": len(mine), "chunks_skipped_complete": skipped, "chunks_regenerated_invalid":
-             len(replaced), "chunks_written": 0, "images_generated": 0, "seconds": 0.0}
+             len(replaced), "chunks_written": 0, "images_generated": 0, "seconds": 0.0,
+             "inception_features": "on" if features.extractor else "off (no --inception-weights)"}
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     t0 = time.time()
     if todo:
         model = load_generator(ckpt.weights, cfg.model, device=device)
         tokenizer = build_tokenizer(cfg.tokenizer, load_weights=True, device=device)
         n_todo = sum(chunk_range(k, cs, N)[1] - chunk_range(k, cs, N)[0] for k in todo)
-        bar = cli.progress(n_todo, f"sample w{worker.index}/{worker.count}", disable=args.no_progress)
+        bar = cli.progress(n_todo, f"sample w{me.worker}/{me.workers}", disable=args.no_progress)
         try:
             for k in todo:
                 start, stop = chunk_range(k, cs, N)
@@ -425,13 +446,17 @@ def run(args) -> int:
                 stats["images_generated"] += int(images.shape[0])
                 if kill_after and stats["chunks_written"] >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
+                features.write(k, images, indices)
         finally:
             bar.close()
+    for k in stale:  # complete chunks whose features are missing or stale
+        features.write(k)
+    stats["inception_features_written"] = features.written
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["images_generated"] / max(stats["seconds"], 1e-9), 3)
-    log_path = os.path.join(out_dir, "logs", f"worker_{worker.index:04d}_of_{worker.count:04d}.json")
+    log_path = os.path.join(out_dir, "logs", f"worker_{me.worker:04d}_of_{me.workers:04d}.json")
     write_json_atomic(log_path, stats, sort_keys=False)
-    print(f"rear_ds.sample: worker {worker.index} done: wrote {stats['chunks_written']} chunks "
+    print(f"rear_ds.sample: worker {me.worker} done: wrote {stats['chunks_written']} chunks "
           f"({stats['images_generated']} images, {stats['images_per_s']} img/s), skipped {skipped}",
           file=sys.stderr)
     return 0

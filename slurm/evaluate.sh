@@ -5,7 +5,8 @@
 #          --samples runs/x/samples --reference REF.npz --inception-weights pt_inception.pth --out runs/x/eval
 #   (or through slurm/submit_chain.sh ... evaluate: ARGS...)
 #
-# Every argument goes to `python -m rear_ds.evaluate` unchanged.
+# Every argument goes to `python -m rear_ds.evaluate` unchanged. Inception features that the sample array
+# stored for its chunks (slurm/sample.sh with the same Inception weights) are merged, not recomputed.
 # Variables (defaults in brackets); also those of slurm/common.sh (REPO_DIR, MODULES, VENV, PRE_RUN, PYTHON):
 #   EVALUATE_MODULE  Python module to run                                    [rear_ds.evaluate]
 #   DRY_RUN          1 = print the command instead of running it             [0]

@@ -10,6 +10,11 @@
 # The tool splits the --num-samples into chunks of --chunk-size and task i makes chunks i, i+n, i+2n, ...;
 # per-sample randomness depends only on (seed, sample index), so the result does not depend on the array
 # size, and a requeued or re-run task redoes only its own missing chunks. Not an array job: rank 0 of 1.
+# One process per array task (an --ntasks>1 job without srun still runs the tool once: it does the task's whole
+# share); under `srun` in a task, its processes split the task's share (rear_ds/launch.py).
+# With Inception weights (--inception-weights PATH, or REAR_INCEPTION_WEIGHTS, which sbatch passes on) every
+# task also stores the Inception features of its chunks (inception/chunk_*.npz): slurm/evaluate.sh then merges
+# them instead of running Inception over all samples (chunks without valid features are computed there).
 # No --array below: choose the size at submit time (sbatch --array=0-N, or SAMPLE_TASKS in submit_chain.sh).
 #
 # Variables (defaults in brackets); also those of slurm/common.sh (REPO_DIR, MODULES, VENV, PRE_RUN, PYTHON):

@@ -13,7 +13,8 @@
 # are skipped. "tokenize:" submits the array AND its finalize job. Each job starts only if the previous
 # one succeeded (a requeued training job counts once it finally completes). Wiring done for you:
 #   train    gets train.out_dir=$RUN_DIR unless its arguments set train.out_dir;
-#   sample   gets --checkpoint $RUN_DIR/checkpoints/latest if train is in the chain and no --checkpoint given;
+#   sample   gets --checkpoint $RUN_DIR/checkpoints/latest if train is in the chain and no --checkpoint given,
+#            and evaluate's --inception-weights (its tasks store their chunks' Inception features) if it has none;
 #   evaluate gets --samples <sample's --out-dir> if sample is in the chain and no --samples given.
 #
 # Variables (defaults in brackets):
@@ -127,6 +128,11 @@ fi
 if [ $HAVE_SAMPLE = 1 ]; then
     if [ $HAVE_TRAIN = 1 ] && ! has_flag --checkpoint "${SAMPLE_ARGS[@]+"${SAMPLE_ARGS[@]}"}"; then
         SAMPLE_ARGS+=(--checkpoint "$RUN_DIR/checkpoints/latest")
+    fi
+    # the array tasks also compute their chunks' Inception features: evaluate then only merges them
+    if w=$(flag_value --inception-weights "${EVALUATE_ARGS[@]+"${EVALUATE_ARGS[@]}"}") \
+        && ! has_flag --inception-weights "${SAMPLE_ARGS[@]+"${SAMPLE_ARGS[@]}"}"; then
+        SAMPLE_ARGS+=(--inception-weights "$w")
     fi
     n=${SAMPLE_TASKS:-8}
     submit sample "${SAMPLE_SBATCH:-}" --array="0-$((n - 1))" \

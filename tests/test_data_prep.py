@@ -14,7 +14,7 @@ from PIL import Image
 
 from rear_ds.config import TokenizerConfig
 from rear_ds.data import preprocess as P
-from rear_ds.data.tokenize_job import finalize, main, resolve_rank
+from rear_ds.data.tokenize_job import finalize, main, resolve_worker
 from rear_ds.models.tokenizers import build_tokenizer
 from rear_ds.models.weights import save_safetensors
 
@@ -157,10 +157,15 @@ def test_rgb_conversion(mode):
 
 
 def test_rank_from_slurm():
-    assert resolve_rank(None, None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
-                                     "SLURM_ARRAY_TASK_COUNT": "3"}) == (1, 3)
-    assert resolve_rank(None, None, {"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}) == (2, 4)
-    assert resolve_rank(1, 2, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (1, 2)
+    """The tokenizer's rank r of W is rear_ds.launch's worker (tests/test_launch.py has the whole precedence)."""
+    def rank(env, *flags):
+        w = resolve_worker(*(flags or (None, None)), env)
+        return w.worker, w.workers
+
+    assert rank({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "3"}) == (1, 3)
+    assert rank({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}) == (2, 4)  # srun step
+    assert rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1)  # the batch script: one process
+    assert rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, 1, 2) == (1, 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ def samples(tmp_path_factory):
     cmd = [sys.executable, "-m", "rear_ds.sample", "--checkpoint", tiny["ckpt"], "--out-dir", out,
            "--num-samples", str(N), "--chunk-size", "4", "--batch-size", "4", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
-        env.pop(k, None)
+    for k in [k for k in env if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("SLURM_")]:
+        env.pop(k)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     images = np.concatenate([np.load(os.path.join(out, f"chunk_{k:06d}.npz"))["images"] for k in range(3)])
@@ -359,3 +359,91 @@ def test_checkpoint_step_comes_from_the_exported_metadata(tmp_path):
     save_safetensors({"w": torch.zeros(2)}, path, metadata={"step": ""})  # an export of an unknown step
     assert checkpoint_step(path) is None
     assert checkpoint_step(str(tmp_path / "gone.safetensors")) is None
+
+
+def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, inception, extractor, tmp_path,
+                                                                capsys):
+    """Issue 20 item 10 + issue 16 item 2 (sharded evaluation), through slurm/sample.sh with the environment of
+    `sbatch --ntasks=4 --array=0-1` and no srun (SLURM_PROCID=0, SLURM_NTASKS=4 in each batch script): every
+    chunk is made (each task used to take itself for process 0 of 4: 1 of 3 chunks) with its Inception features;
+    rear_ds.evaluate merges them into the metrics of a single pass. Stored features that are absent or come from
+    other Inception weights are recomputed and named, never mixed in."""
+    from rear_ds.evaluate import main
+    from rear_ds.evaluation import chunk_features as cf
+    from rear_ds.evaluation.stats import fid_from_features, fid_stats, inception_score, precision_recall, save_ref_stats
+
+    out = str(tmp_path / "array")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE",
+                                                                                          "LOCAL_RANK")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               REAR_INCEPTION_WEIGHTS=inception, SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_NPROCS="4",
+               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="2")
+    cmd = ["bash", "slurm/sample.sh", "--checkpoint", samples["ckpt"], "--out-dir", out, "--num-samples", str(N),
+           "--chunk-size", "4", "--batch-size", "4", "--inception-batch-size", "10", "--no-progress"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, SLURM_ARRAY_TASK_ID=str(t)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for t in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert "SLURM_NTASKS=4 outside an srun step" in err
+    names = [f"chunk_{k:06d}.npz" for k in range(3)]
+    assert sorted(n for n in os.listdir(out) if n.startswith("chunk_")) == names
+    assert sorted(os.listdir(os.path.join(out, cf.FEATURES_DIR))) == names
+    got = np.concatenate([np.load(os.path.join(out, n))["images"] for n in names])
+    assert got.tobytes() == samples["images"].tobytes()  # the same images as the single-process run
+
+    ref = str(tmp_path / "ref_stats.npz")  # half of the samples and half of their shifted copies: P/R inside (0, 1)
+    ref_features = np.concatenate([feats["f"][0][:5], feats["f_shift"][0][5:]]).astype(np.float32)
+    save_ref_stats(ref, *fid_stats(ref_features), features=ref_features)
+
+    def evaluate(name):
+        assert main(["--samples", out, "--reference", ref, "--inception-weights", inception, "--out",
+                     str(tmp_path / name), "--batch-size", "10", "--is-splits", "2", "--no-adm-npz"]) == 0
+        with open(tmp_path / name / "results.json") as f:
+            return json.load(f)
+
+    merged = evaluate("merged")
+    assert merged["accounting"]["chunks_features_from_sampler"] == 3
+    # the unsharded evaluation: the same formulas on the features of all samples from one pass (one batch of 10)
+    pool, logits = (f.astype(np.float32) for f in feats["f"])
+    stored = [cf.read(cf.features_path(out, names[k]), np.arange(4 * k, min(N, 4 * k + 4)),
+                      merged["samples_fingerprint"], cf.images_sha256(samples["images"][4 * k:4 * k + 4]),
+                      extractor.identity())[0] for k in range(3)]
+    np.testing.assert_allclose(np.concatenate([p for p, _ in stored]), pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([lg for _, lg in stored]), logits, rtol=1e-5, atol=1e-6)
+    whole = {"fid": fid_from_features(pool, *fid_stats(ref_features))}
+    whole["inception_score_mean"], whole["inception_score_std"] = inception_score(logits, 2)
+    whole["precision"], whole["recall"] = precision_recall(pool, ref_features, 3)
+    assert set(merged["metrics"]) == set(whole) and 0 < whole["recall"] < 1
+    for k, v in whole.items():  # equal to the last bit when measured; 1e-6 is the stated tolerance
+        assert merged["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    # chunk 0's features gone, chunk 1's made with other weights (its file says so): both recomputed and named
+    os.remove(cf.features_path(out, names[0]))
+    path1 = cf.features_path(out, names[1])
+    d = dict(np.load(path1))
+    made_by = json.loads(str(d["extractor"]))
+    d["extractor"] = np.array(json.dumps(dict(made_by, inception_weights_sha256="0" * 64)))
+    d["pool"] = d["pool"] + 1.0  # features that must not reach the metrics
+    np.savez(path1, **d)
+    mixed = evaluate("mixed")
+    acc = mixed["accounting"]
+    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (1, 2)
+    assert acc["features_recomputed"] == [f"{names[1]}: made by another Inception: inception_weights_sha256 "
+                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
+    for k, v in whole.items():
+        assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    # a sampler rerun with the weights makes no image, only the features that are missing or stale
+    from rear_ds.sample import main as sample_main
+
+    capsys.readouterr()
+    assert sample_main(cmd[2:] + ["--inception-weights", inception]) == 0
+    err = capsys.readouterr().err
+    assert f"recomputing the Inception features of {names[1]}: made by another Inception" in err
+    assert "3 already complete, 0 to do" in err
+    for n in names:
+        d = np.load(os.path.join(out, n))
+        stored, why = cf.read(cf.features_path(out, n), d["indices"], merged["samples_fingerprint"],
+                              cf.images_sha256(d["images"]), extractor.identity())
+        assert why == "" and np.array_equal(stored[0], cf.compute(extractor, d["images"])[0]), n

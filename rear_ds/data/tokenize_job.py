@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from rear_ds import launch
 from rear_ds.config import ConfigError, TokenizerConfig, apply_section, find_config_file
 from . import shards as S
 from .preprocess import (IMAGE_FORMATS, MAX_ASPECT_RATIO, TEN_CROP_RATIO, VIEW_MODES, load_image, make_views,
@@ -55,20 +56,13 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: rerunning the same command is the fix
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_rank(rank: Optional[int], world_size: Optional[int], env=os.environ) -> tuple:
-    """--rank/--world-size, else Slurm array (ID - MIN, COUNT), else Slurm tasks (PROCID, NTASKS), else 0/1."""
-    if rank is not None or world_size is not None:
-        r, w = rank or 0, world_size or 1
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        r = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        w = int(env["SLURM_ARRAY_TASK_COUNT"])
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        r, w = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    else:
-        r, w = 0, 1
-    if not (w >= 1 and 0 <= r < w):
-        raise JobError(f"rank {r} is outside world size {w} (from --rank/--world-size or Slurm variables)")
-    return r, w
+def resolve_worker(rank: Optional[int], world_size: Optional[int], env=None) -> launch.Launch:
+    """This process's place (:mod:`rear_ds.launch`), --rank/--world-size being the array task; the tokenizer's
+    rank r of W is its ``worker`` of ``workers``."""
+    try:
+        return launch.parse(env, task_id=rank, num_tasks=world_size)
+    except launch.LaunchError as e:
+        raise JobError(f"launch environment: {e}") from None
 
 
 def tokenizer_config(config_path: str = "", weights: str = "", image_size: int = 0) -> TokenizerConfig:
@@ -513,15 +507,6 @@ def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = N
 # ----------------------------------------------------------------------------------------------
 
 
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        return f"cuda:{local % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def run(args) -> dict:
     """Run one rank (or --finalize). All checks that can fail happen before any image is decoded."""
     if args.finalize:
@@ -530,10 +515,12 @@ def run(args) -> dict:
         raise JobError("--input is required (an ImageNet-style folder or WebDataset image shards)")
     if args.views not in VIEW_MODES:
         raise JobError(f"--views {args.views!r}: expected one of {sorted(VIEW_MODES)}")
-    rank, world = resolve_rank(args.rank, args.world_size)
+    me = resolve_worker(args.rank, args.world_size)
+    rank, world = me.worker, me.workers
     cfg = tokenizer_config(args.config, args.tokenizer_weights, args.image_size)
     num_classes = class_count(args.config, args.num_classes)
-    device = pick_device(args.device)
+    device = launch.local_device(me, args.device)
+    print(f"rank {rank} of {world} ({me.source}) on {device}", file=sys.stderr)
     tok, sha = load_tokenizer(cfg, device)
     if tok.codebook_size > 65536:
         raise JobError(f"codebook_size={tok.codebook_size} does not fit the uint16 shard format")
@@ -586,8 +573,10 @@ Output (--out): shard-NNNNNN.tar (one sample per view: <key>.tokens.npy uint16 g
 per-rank records in _parts/, and after --finalize a manifest.json (tokenizer, preprocessing, shards
 with sample counts and sha256, class histogram, every skipped input with its reason, accounting).
 
-Scale-out: rank/world size come from --rank/--world-size, else SLURM_ARRAY_TASK_ID/COUNT, else
-SLURM_PROCID/NTASKS. Every rank runs the same command; then run once with --finalize --out DIR.
+Scale-out: rank r of W = array task * processes per task + process (rear_ds/launch.py): array tasks
+from --rank/--world-size, else SLURM_ARRAY_TASK_ID/COUNT; processes of an srun step (SLURM_PROCID of
+SLURM_STEP_NUM_TASKS) or a launcher (RANK/WORLD_SIZE), else one. Every rank runs the same command; then run
+once with --finalize --out DIR.
 Reruns skip shards that are complete (sha256 checked) and redo missing or partial ones; the result
 is byte-identical to an uninterrupted run. Bad inputs are skipped and listed, never fatal.
 
@@ -622,7 +611,8 @@ def build_parser():
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: Slurm variables, else 1)")
     p.add_argument("--workers", type=int, default=4, help="parallel decode worker processes (0 = in-process)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per tokenizer forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (this process's GPU among those it sees if available, "
+                   "else cpu), cpu, cuda:N")
     p.add_argument("--finalize", action="store_true", help="check all ranks' shards and write manifest.json "
                    "(needs only --out)")
     return p

@@ -3,6 +3,7 @@
 Modules:
     safe_npz    reading .npz files without ever unpickling (``allow_pickle=False``)
     chunks      the sample-chunk file format written by ``rear_ds.sample`` and gathered by ``rear_ds.evaluate``
+    chunk_features  Inception features of each chunk, stored by the sampler and merged by ``rear_ds.evaluate``
     inception   torch-fidelity's InceptionV3 loaded from a local weights file (no download, no pickle code)
     stats       Frechet distance, Inception Score, precision/recall, reference-statistics files
     references  reference image sources: ADM reference batch .npz, folder of images, token-shard set

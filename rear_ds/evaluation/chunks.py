@@ -75,6 +75,12 @@ def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.n
     arrays = {"images": images, "labels": labels, "indices": indices, "fingerprint": np.array(fingerprint)}
     if tokens is not None:
         arrays["tokens"] = np.asarray(tokens, dtype=np.int32).reshape(n, -1)
+    write_npz_atomic(path, **arrays)
+
+
+def write_npz_atomic(path: str, **arrays) -> None:
+    """``np.savez`` to a temporary name in the same folder (``.<name>.tmp.<host>.<pid>``, see
+    :func:`remove_stale_tmp`), fsync, rename: readers see the whole file or none."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{socket.gethostname()}.{os.getpid()}")
     try:
@@ -268,22 +274,3 @@ def gather_chunks(folder: str, num_samples: int, chunk_size: int, num_classes: i
             + "\nRerun `python -m rear_ds.sample` with the same arguments to (re)generate the missing chunks.")
     good.sort(key=lambda i: int(i.indices[0]) if i.indices.size else -1)
     return GatherResult([i.path for i in good if i.indices.size], shapes[0] if shapes else (0, 0, 3), accounting)
-
-
-def iter_images(files: list, batch_size: int = 0):
-    """Yield (images uint8 (n, H, W, 3), labels) per chunk (or re-batched to ``batch_size``), in index order."""
-    buf_i, buf_l = [], []
-    for path in files:
-        data = load_npz(path, "sample chunk", keys=("images", "labels"))
-        if not batch_size:
-            yield data["images"], data["labels"]
-            continue
-        buf_i.append(data["images"])
-        buf_l.append(data["labels"])
-        imgs, labs = np.concatenate(buf_i), np.concatenate(buf_l)
-        while imgs.shape[0] >= batch_size:
-            yield imgs[:batch_size], labs[:batch_size]
-            imgs, labs = imgs[batch_size:], labs[batch_size:]
-        buf_i, buf_l = [imgs], [labs]
-    if batch_size and buf_i and buf_i[0].shape[0]:
-        yield buf_i[0], buf_l[0]

@@ -111,14 +111,19 @@ class InceptionFeatures:
             self._sha256 = weights_sha256(self.weights_path)
         return self._sha256
 
-    def describe(self) -> dict:
+    def identity(self) -> dict:
+        """What determines the features (not the path or device): features stored with another identity are
+        never used (:mod:`rear_ds.evaluation.chunk_features`)."""
         import torch_fidelity
 
-        return {"name": "torch-fidelity", "torch_fidelity_version": torch_fidelity.__version__,
+        return {"torch_fidelity_version": torch_fidelity.__version__,
                 "feature_extractor": "inception-v3-compat (FeatureExtractorInceptionV3)",
-                "fid_feature_layer": FEATURE_POOL, "prc_feature_layer": FEATURE_POOL,
-                "is_feature_layer": FEATURE_LOGITS, "inception_weights": os.path.abspath(self.weights_path),
-                "inception_weights_sha256": self.weights_sha256, "device": str(self.device)}
+                "fid_feature_layer": FEATURE_POOL, "is_feature_layer": FEATURE_LOGITS,
+                "inception_weights_sha256": self.weights_sha256}
+
+    def describe(self) -> dict:
+        return {"name": "torch-fidelity", **self.identity(), "prc_feature_layer": FEATURE_POOL,
+                "inception_weights": os.path.abspath(self.weights_path), "device": str(self.device)}
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> tuple:

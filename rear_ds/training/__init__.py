@@ -1,6 +1,6 @@
 """Training machinery for ``rear_ds/train.py``: one small module per idea.
 
-launch_env   rank / world size from deepspeed, torchrun or Slurm; process-group init with a timeout
+launch_env   rendezvous from rear_ds.launch's numbers, GPU choice, process-group init with a timeout, clean exits
 ds_config    the DeepSpeed JSON: "auto" values filled from the YAML, batch and precision checks
 optim        AdamW with the reference weight-decay groups, warmup + cosine LambdaLR
 checkpoint   complete-or-ignored checkpoints, RNG/data state, resume (also universal), keep-last-k

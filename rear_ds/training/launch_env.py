@@ -1,4 +1,4 @@
-"""Where am I? Rank, local rank and world size under the deepspeed launcher, torchrun or srun.
+"""Training's launch: the rendezvous for the rank, local rank and world size :mod:`rear_ds.launch` reads.
 
 The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 Under ``srun`` (no launcher, one task per process) only SLURM_* variables exist: we translate them so
@@ -17,9 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-
-class LaunchError(RuntimeError):
-    """The launch environment contradicts itself (e.g. leftover RANK/WORLD_SIZE under srun)."""
+from rear_ds.launch import LaunchError, parse  # noqa: F401  (LaunchError: raised from here too)
 
 
 @dataclass
@@ -76,38 +74,25 @@ def first_host(nodelist: str) -> str:
 
 
 def detect() -> LaunchEnv:
-    """Read the launcher's variables; under plain srun, export the ones torch.distributed needs. A CPU run
-    (DS_ACCELERATOR=cpu) gets no GPU (:func:`hide_gpus_from_cpu_runs`)."""
+    """This process's rank, local rank and world size (:func:`rear_ds.launch.parse`, array tasks ignored); under
+    plain srun, export the variables torch.distributed needs. A CPU run (DS_ACCELERATOR=cpu) gets no GPU
+    (:func:`hide_gpus_from_cpu_runs`)."""
     hide_gpus_from_cpu_runs()
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        step_tasks = env.get("SLURM_STEP_NUM_TASKS", "")
-        if step_tasks.isdigit() and int(env["WORLD_SIZE"]) < int(step_tasks):
-            # A launcher inside each srun task starts at least one process per task, so a smaller world can
-            # only be a leftover export: trusting it would start independent runs on the same out_dir.
-            raise LaunchError(
-                f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} in the environment of srun task "
-                f"{env.get('SLURM_PROCID', '?')} of a {step_tasks}-task step (SLURM_STEP_NUM_TASKS): WORLD_SIZE "
-                "cannot be smaller than the number of srun tasks, so these are left over from an earlier export. "
-                "Unset RANK, WORLD_SIZE and LOCAL_RANK (rear_ds derives them from SLURM_PROCID / SLURM_NTASKS "
-                "under plain srun), or start a launcher (deepspeed, torchrun) in each task.")
-        return LaunchEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                         "deepspeed/torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+    launch = parse(env, array=False)
+    if launch.launcher == "slurm":
         # rank 0 runs on the first node of this job step (a step may use fewer nodes than the job)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         env.setdefault("MASTER_ADDR", first_host(nodes or "127.0.0.1"))
         # below Linux's ephemeral range (32768-60999), so an outgoing connection cannot hold the port
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 12000))
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_SIZE=env.get(
-            "SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-        return LaunchEnv(rank, local, world, "slurm")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29512")
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    return LaunchEnv(0, 0, 1, "single")
+        env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.procs), LOCAL_RANK=str(launch.local_rank),
+                   LOCAL_SIZE=env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    elif launch.launcher == "single":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29512")
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return LaunchEnv(launch.rank, launch.local_rank, launch.procs, launch.launcher)
 
 
 def visible_gpus() -> list:
