@@ -124,7 +124,7 @@ node_addr() { echo "$NET.$((10 + $1))"; }   # K -> 10.77.0.1K
 
 # Writes $CONF. Returns 0 when it was already identical, 10 when it changed.
 write_conf() {
-    local host mem new ctl_addr k node_lines spool pidf logf part
+    local host mem new ctl_addr k node_lines spool pidf logf part rts
     host=$(host)
     [ -n "$host" ] || die "cannot determine the short hostname (hostname -s)"
     mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n 1)
@@ -139,11 +139,15 @@ write_conf() {
             echo "127.0.0.1 $host" >>/etc/hosts
         fi
         ctl_addr=127.0.0.1 spool=$SLURMD_SPOOL pidf=$SLURMD_PID logf=$LOG_DIR/slurmd.log part=$host
+        rts="ReturnToService=2"
         node_lines="NodeName=$host NodeAddr=127.0.0.1 $shape"
     else
         # Every slurmd runs in its node's namespace with -N nodeK: %n keeps their files apart.
         ctl_addr=$NET.1 spool=$SLURMD_SPOOL/%n pidf=$PID_DIR/slurmd-%n.pid logf=$LOG_DIR/slurmd-%n.log
         part="node[1-$NNODES]" node_lines=""
+        # 1, not 2: a node taken down by hand (scontrol update ... state=down, as the tests do) stays down until
+        # resumed, instead of coming back as soon as its slurmd answers.
+        rts="ReturnToService=1"
         for ((k = 1; k <= NNODES; k++)); do
             node_lines+="NodeName=node$k NodeAddr=$(node_addr "$k") $shape"$'\n'
         done
@@ -178,7 +182,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_min_interval=0,batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-ReturnToService=2
+$rts
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
