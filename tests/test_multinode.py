@@ -3,8 +3,8 @@
 
 tests/slurm_cluster.sh start --nodes 2 runs slurmctld in the root namespace and one slurmd per node, each in its own
 network namespace on a bridge (node1 = 10.77.0.11, node2 = 10.77.0.12) and its own UTS namespace (hostname nodeK).
-The nodes share the file system (as a cluster's shared file system) and nothing else: a process on node2 reaches
-node1 only over the bridge, so a rendezvous on localhost could not work. The module skips only where this machine
+The nodes share the file system (as a cluster's shared file system; also /dev/shm and the process table) but not
+the network: a process on node2 reaches node1 only over the bridge, so a rendezvous on localhost could not work. The module skips only where this machine
 cannot create the namespaces (the reason is printed), and stops the cluster afterwards (or puts back the mode that
 ran before).
 
@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -295,8 +296,6 @@ def test_node_down_requeues_onto_the_remaining_node(cluster, tokenized, tmp_path
 def test_sample_array_across_nodes(cluster, trained, tokenized, tmp_path):
     """Two array tasks, one per node, fill one samples folder from a DeepSpeed checkpoint (each exports it, taking
     turns on one locked name); the chunks equal those of one process on one node."""
-    from rear_ds.sample import main as sample_main
-
     samples = tmp_path / "samples"
     args = ["--checkpoint", trained["ref"] / "checkpoints" / "latest", "--config", "configs/tiny.yaml",
             "--tokenizer-weights", tokenized["weights"], "--num-samples", 10, "--chunk-size", 5, "--device", "cpu",
@@ -307,8 +306,11 @@ def test_sample_array_across_nodes(cluster, trained, tokenized, tmp_path):
     assert_ok(recs, tmp_path)
     assert first_nodes(tmp_path, "slurm-rear-sample-*.err") == ["node1", "node2"], logs(tmp_path)
     assert len({r["BatchHost"] for r in job_records(jid)}) == 2
-    one = tmp_path / "one_process"
-    assert sample_main([*map(str, args), "--out-dir", str(one), "--rank", "0", "--world-size", "1"]) == 0
+    one = tmp_path / "one_process"  # a process of its own, as a job's (in the test's process chunk 1 differed)
+    r = subprocess.run([sys.executable, "-m", "rear_ds.sample", *map(str, args), "--out-dir", one, "--rank", "0",
+                        "--world-size", "1"], cwd=REPO, env=clean_env(OMP_NUM_THREADS=1), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     chunks = sorted(p.name for p in samples.glob("chunk_*.npz"))
     assert chunks == [f"chunk_{k:06d}.npz" for k in range(2)] == sorted(p.name for p in one.glob("chunk_*.npz"))
     for name in chunks:

@@ -301,58 +301,43 @@ def need(*rel_paths: str):
             pytest.skip(f"entry point {rel} not present yet")
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory):
-    """Token shards for configs/tiny.yaml, made by the real data_prep/tokenize.py (2 ranks + finalize) run
-    directly (not through Slurm, to keep this fixture independent of the Slurm tokenize test)."""
+@pytest.fixture(scope="module")
+def tokenize_array(slurm_cluster, tmp_path_factory):
+    """The tokenize array (2 tasks) and its finalize job through slurm/tokenize.sh; their token shards for
+    configs/tiny.yaml are the training data of the tests below."""
     need("data_prep/tokenize.py", "configs/tiny.yaml")
     root = tmp_path_factory.mktemp("tiny_data")
     images, weights, out = make_tiny_inputs(root)
-    base = [sys.executable, "data_prep/tokenize.py", "--input", images, "--out", out, "--config", "configs/tiny.yaml",
-            "--tokenizer-weights", weights, "--views", "center", "--workers", "0", "--images-per-shard", "8",
-            "--device", "cpu"]
-    for rank in (0, 1):
-        r = subprocess.run([*base, "--rank", str(rank), "--world-size", "2"], cwd=REPO, capture_output=True,
-                           text=True, env=clean_env(), timeout=600)
-        assert r.returncode == 0, r.stderr
-    r = subprocess.run([*base, "--finalize"], cwd=REPO, capture_output=True, text=True, env=clean_env())
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def test_tokenize_array_and_finalize(slurm_cluster, tmp_path):
-    need("data_prep/tokenize.py", "configs/tiny.yaml")
-    images, weights, out = make_tiny_inputs(tmp_path)
     env = clean_env(REPO_DIR=REPO, TOKENIZE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
-    r = subprocess.run(["bash", str(REPO / "slurm/tokenize.sh"), "--input", images, "--out", out, "--config", "configs/tiny.yaml",
-                        "--tokenizer-weights", weights, "--views", "center", "--workers", "0",
+    r = subprocess.run(["bash", str(REPO / "slurm/tokenize.sh"), "--input", images, "--out", out, "--config",
+                        "configs/tiny.yaml", "--tokenizer-weights", weights, "--views", "center", "--workers", "0",
                         "--images-per-shard", "8", "--device", "cpu"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True)
+                       cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
+    return root, out, ids, wait_jobs(*ids.values(), timeout=600)
+
+
+def test_tokenize_array_and_finalize(tokenize_array):
+    root, out, ids, recs = tokenize_array
     assert list(ids) == ["tokenize", "finalize"]
-    recs = wait_jobs(*ids.values(), timeout=600)
-    assert_ok(recs, tmp_path)
+    assert_ok(recs, root)
     assert len([r for r in recs if r.get("ArrayJobId") == ids["tokenize"]]) == 2
     assert sorted(Path(out).glob("shard-*.tar")), "no shards written"
     assert json.loads((Path(out) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tokenize_array):
+    root, out, _, recs = tokenize_array
+    assert_ok(recs, root)
+    return out
 
 
 @pytest.fixture
 def train_entry():
     """Listed before tiny_shards so a missing trainer skips before any data is made."""
     need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
-
-
-def test_train_real_two_tasks(slurm_cluster, tmp_path, train_entry, tiny_shards):
-    need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
-    run = tmp_path / "run"
-    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh",
-                  *tiny_train_args(run, tiny_shards, 6)], tmp_path)
-    assert_ok(wait_jobs(jid, timeout=900), tmp_path)
-    assert "world size: 2" in (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
-    assert log_steps(run)[-1] == 6
-    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
 
 
 def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards):
@@ -373,7 +358,7 @@ def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards
 
 
 def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, request):
-    """train -> sample array (2 tasks) -> evaluate through submit_chain.sh, with Inception weights and a
+    """train (2 tasks) -> sample array (2 tasks) -> evaluate through submit_chain.sh, with Inception weights and a
     reference folder made here (random weights in torch-fidelity's format: nothing is downloaded)."""
     need("rear_ds/sample.py", "rear_ds/evaluate.py")
     import numpy as np
@@ -404,6 +389,11 @@ def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, reques
     ids = dict(line.split() for line in r.stdout.splitlines())
     assert list(ids) == ["train", "sample", "evaluate"]
     assert_ok(wait_jobs(*ids.values(), timeout=1200), tmp_path)
+    # the training job: two tasks on one node, to its last step, with its final checkpoint and resolved config
+    assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in (
+        tmp_path / f"slurm-rear-train-{ids['train']}.out").read_text()
+    assert log_steps(run)[-1] == 5
+    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "samples").glob("chunk_*.npz")) == ["chunk_000000.npz",
                                                                                   "chunk_000001.npz"]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
