@@ -13,8 +13,9 @@ Stages, each one the real command run as a subprocess (what a user would type):
                  --config configs/toy.yaml ...               2 CPU processes, ZeRO-2, bf16, reAR regularizers on
   6. export      python -m rear_ds.export
   7. sample      python -m rear_ds.sample (CFG) for the trained model and for an untrained one
-  8. evaluate    class consistency (classifier) for trained / real held-out / untrained; a PNG grid with
-                 one row per class; FID through python -m rear_ds.evaluate if REAR_INCEPTION_WEIGHTS
+  8. evaluate    class consistency (classifier) and token round-trip consistency (decode, re-encode: the
+                 share of token positions that survive) for trained / real held-out / untrained; a PNG grid
+                 with one row per class; FID through python -m rear_ds.evaluate if REAR_INCEPTION_WEIGHTS
                  names a local Inception weights file.
 
 The run folder (--out) holds everything: data/, tokenizer/, classifier/, shards/, train/ (config.yaml,
@@ -68,10 +69,10 @@ def shorten_progress(line: str) -> str:
 
 
 class Runner:
-    """Runs subprocesses with their output in <out>/logs/<name>.log, times every stage."""
+    """Runs subprocesses with their output in <out>/logs/<name>.log, times every stage (printed as [tag])."""
 
-    def __init__(self, out: str, verbose: bool = False):
-        self.out = out
+    def __init__(self, out: str, verbose: bool = False, tag: str = "demo"):
+        self.out, self.tag = out, tag
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.verbose = verbose
@@ -113,14 +114,15 @@ class Runner:
 
         class _Stage:
             def __enter__(self):
-                print(f"[demo] {name} ...", flush=True)
+                print(f"[{runner.tag}] {name} ...", flush=True)
                 self.t0 = time.time()
                 return self
 
             def __exit__(self, *exc):
                 runner.timings[name] = round(time.time() - self.t0, 1)
                 if exc[0] is None:
-                    print(f"[demo] {name}: {runner.timings[name]:.1f}s  {runner.notes.get(name, '')}", flush=True)
+                    print(f"[{runner.tag}] {name}: {runner.timings[name]:.1f}s  {runner.notes.get(name, '')}",
+                          flush=True)
                 return False
 
         return _Stage()
@@ -245,23 +247,24 @@ def training_is_finished(train_dir: str, cfg) -> bool:
     return bool(events) and events[-1].get("event") == "finished" and events[-1].get("step") == cfg.train.max_steps
 
 
-def stage_train(r: Runner, paths: dict, tok_weights: str, extra: list, reuse: bool = True) -> list:
+def stage_train(r: Runner, paths: dict, tok_weights: str, extra: list, reuse: bool = True, name: str = "train") -> list:
+    """Train into paths["train"] (logs/<name>.log); a finished run of the same config is reused (noted as such)."""
     from rear_ds.config import load_config
 
     if reuse and training_is_finished(paths["train"], load_config(paths["config"], train_overrides(paths, tok_weights, extra))):
         recs = read_log(paths["train"])
-        r.notes["train"] = (f"reused the finished run in {rel(paths['train'])} (same config); loss "
-                            f"{recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}")
+        r.notes[name] = (f"reused the finished run in {rel(paths['train'])} (same config); loss "
+                         f"{recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}")
         return recs
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "rear_ds/train.py",
            "--deepspeed_config", rel(DS_CONFIG), "--config", rel(paths["config"]),
            *train_overrides(paths, tok_weights, extra)]
     # One OpenMP thread per process: two processes share the two cores instead of fighting over them.
-    r.run("train", cmd, env_extra={"OMP_NUM_THREADS": "1"})
+    r.run(name, cmd, env_extra={"OMP_NUM_THREADS": "1"})
     recs = read_log(paths["train"])
     if not recs:
         raise StageError(f"training wrote no loss records to {paths['train']}/log.jsonl")
-    r.notes["train"] = f"steps {recs[0]['step']}..{recs[-1]['step']}, loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}"
+    r.notes[name] = f"steps {recs[0]['step']}..{recs[-1]['step']}, loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}"
     return recs
 
 
@@ -287,23 +290,26 @@ def write_untrained(path: str, cfg, seed: int = 0) -> None:
                                "dtype": "fp32", "source": f"random init, torch.manual_seed({seed})"})
 
 
-def stage_sample(r: Runner, name: str, checkpoint: str, out_dir: str, n: int, sampling: list) -> tuple:
-    """python -m rear_ds.sample into out_dir; returns (uint8 images (n,H,W,3), labels (n,))."""
-    import numpy as np
-
+def _read_chunks(out_dir: str) -> list:
     from rear_ds.evaluation.chunks import CHUNK_RE
     from rear_ds.evaluation.safe_npz import load_npz
 
+    if not os.path.isdir(out_dir):
+        return []
+    return [load_npz(os.path.join(out_dir, f), "sample chunk") for f in sorted(os.listdir(out_dir)) if CHUNK_RE.match(f)]
+
+
+def stage_sample(r: Runner, name: str, checkpoint: str, out_dir: str, n: int, sampling: list) -> tuple:
+    """python -m rear_ds.sample into out_dir; returns (uint8 images (n,H,W,3), labels (n,), tokens (n, N))."""
+    import numpy as np
+
+    if any("tokens" not in c for c in _read_chunks(out_dir)):  # chunks from before they carried the tokens
+        shutil.rmtree(out_dir)
     r.run(f"sample_{name}", [sys.executable, "-m", "rear_ds.sample", "--checkpoint", rel(checkpoint),
                              "--out-dir", rel(out_dir), "--num-samples", str(n), "--chunk-size", str(n),
                              "--no-progress", *sampling], env_extra={"OMP_NUM_THREADS": "2"})
-    images, labels = [], []
-    for f in sorted(os.listdir(out_dir)):
-        if CHUNK_RE.match(f):
-            d = load_npz(os.path.join(out_dir, f))
-            images.append(d["images"])
-            labels.append(d["labels"])
-    return np.concatenate(images), np.concatenate(labels)
+    chunks = _read_chunks(out_dir)
+    return tuple(np.concatenate([c[k] for c in chunks]) for k in ("images", "labels", "tokens"))
 
 
 def class_grid(images, labels, num_classes: int, per_row: int, path: str, zoom: int = 2) -> str:
@@ -344,6 +350,24 @@ def layout(out: str) -> dict:
             "train": os.path.join(out, "train"), "config": CONFIG}
 
 
+def prepare(r: Runner, paths: dict, cfg) -> dict:
+    """The stages every toy run starts with (dataset, tokenizer, classifier, token shards), each reused when
+    current. Returns their metrics; "tokenizer" and "classifier" name the weights files."""
+    out = {}
+    with r.stage("dataset"):
+        out["dataset"] = {k: v for k, v in stage_dataset(r, paths, False).items() if k != "wnids"}
+    with r.stage("tokenizer"):
+        tok = stage_tokenizer(r, paths, cfg, False)
+        out["tokenizer"] = {k: tok.get(k) for k in ("weights", "val_psnr_db", "val_codebook_usage", "reused", "shipped")}
+    with r.stage("classifier"):
+        clf = stage_classifier(r, paths, cfg)
+        out["classifier"] = {k: clf[k] for k in ("weights", "val_accuracy", "reused")}
+    with r.stage("tokenize"):
+        man = stage_tokenize(r, paths, tok["weights"])
+        out["shards"] = {"path": paths["shards"], "num_samples": man.get("num_samples")}
+    return out
+
+
 def run_demo(args) -> dict:
     from rear_ds.config import load_config
 
@@ -352,18 +376,8 @@ def run_demo(args) -> dict:
     cfg = load_config(CONFIG)
     t_start = time.time()
     metrics: dict = {"command": " ".join(sys.argv), "out": paths["out"]}
-
-    with r.stage("dataset"):
-        metrics["dataset"] = {k: v for k, v in stage_dataset(r, paths, False).items() if k != "wnids"}
-    with r.stage("tokenizer"):
-        tok = stage_tokenizer(r, paths, cfg, False)
-        metrics["tokenizer"] = {k: tok.get(k) for k in ("weights", "val_psnr_db", "val_codebook_usage", "reused", "shipped")}
-    with r.stage("classifier"):
-        clf = stage_classifier(r, paths, cfg)
-        metrics["classifier"] = {k: clf[k] for k in ("val_accuracy", "reused")}
-    with r.stage("tokenize"):
-        man = stage_tokenize(r, paths, tok["weights"])
-        metrics["shards"] = {"path": paths["shards"], "num_samples": man.get("num_samples")}
+    metrics.update(prepare(r, paths, cfg))
+    tok_weights = metrics["tokenizer"]["weights"]
     extra = []
     if args.fast:  # half the steps, with the schedules scaled to match
         half = cfg.train.max_steps // 2
@@ -371,7 +385,7 @@ def run_demo(args) -> dict:
                   f"objective.anneal_end={max(1, cfg.objective.anneal_end // 2)}"]
     extra += args.overrides
     with r.stage("train"):
-        recs = stage_train(r, paths, tok["weights"], extra)
+        recs = stage_train(r, paths, tok_weights, extra)
         metrics["train"] = {"run_dir": paths["train"], "steps": recs[-1]["step"], "loss_first": recs[0]["loss"],
                             "loss_last": recs[-1]["loss"], "ce_first": recs[0].get("ce"), "ce_last": recs[-1].get("ce"),
                             "token_acc_last": recs[-1].get("token_acc")}
@@ -384,15 +398,16 @@ def run_demo(args) -> dict:
             # New weights: samples of the old ones are stale (rear_ds.sample refuses to mix runs in a folder).
             shutil.rmtree(os.path.join(paths["out"], "samples"), ignore_errors=True)
             r.run("export", [sys.executable, "-m", "rear_ds.export", rel(paths["train"]), rel(model_path)])
-            write_untrained(untrained_path, load_config(CONFIG, train_overrides(paths, tok["weights"], extra)))
+            write_untrained(untrained_path, load_config(CONFIG, train_overrides(paths, tok_weights, extra)))
             r.notes["export"] = f"{rel(model_path)} (+ {rel(untrained_path)}, random init)"
 
     n = cfg.model.num_classes * args.samples_per_class
     sampling = ["--guidance-scale", str(cfg.sampling.guidance_scale), "--seed", str(cfg.sampling.seed)]
     with r.stage("sample"):
         samples = os.path.join(paths["out"], "samples")
-        gen_x, gen_y = stage_sample(r, "trained", model_path, os.path.join(samples, "trained"), n, sampling)
-        unt_x, unt_y = stage_sample(r, "untrained", untrained_path, os.path.join(samples, "untrained"), n, sampling)
+        gen_x, gen_y, gen_t = stage_sample(r, "trained", model_path, os.path.join(samples, "trained"), n, sampling)
+        unt_x, unt_y, unt_t = stage_sample(r, "untrained", untrained_path, os.path.join(samples, "untrained"), n,
+                                           sampling)
         grid = class_grid(gen_x, gen_y, cfg.model.num_classes, min(10, args.samples_per_class),
                           os.path.join(paths["out"], "grid.png"))
         class_grid(unt_x, unt_y, cfg.model.num_classes, min(10, args.samples_per_class),
@@ -400,21 +415,21 @@ def run_demo(args) -> dict:
         r.notes["sample"] = f"{n} samples each, CFG scale {cfg.sampling.guidance_scale}; grid {rel(grid)}"
 
     with r.stage("evaluate"):
-        from rear_ds.toy.classifier import class_consistency, load_classifier
-        from rear_ds.toy.dataset import load_split
+        from rear_ds.toy.scoring import ToyScorer
 
-        model = load_classifier(clf["weights"])
-        real_x, real_y = load_split(paths["data"], "val", cfg.tokenizer.image_size)
-        metrics["class_consistency"] = {
-            "trained": class_consistency(model, gen_x, gen_y),
-            "real_heldout": class_consistency(model, real_x, real_y),
-            "untrained": class_consistency(model, unt_x, unt_y),
-            "chance": round(1.0 / cfg.model.num_classes, 4),
-        }
+        scorer = ToyScorer(metrics["classifier"]["weights"],
+                           load_config(CONFIG, [f"tokenizer.weights={tok_weights}"]).tokenizer, paths["data"])
+        scores = {"trained": scorer.score(gen_x, gen_y, gen_t), "real_heldout": scorer.real(),
+                  "untrained": scorer.score(unt_x, unt_y, unt_t)}
+        metrics["class_consistency"] = {k: v["class_consistency"] for k, v in scores.items()}
+        metrics["class_consistency"]["chance"] = round(1.0 / cfg.model.num_classes, 4)
+        metrics["round_trip"] = {k: v["round_trip"] for k, v in scores.items()}
         metrics["fid"] = stage_fid(r, paths, os.path.join(paths["out"], "samples", "trained"))
-        cc = metrics["class_consistency"]
+        cc, rt = metrics["class_consistency"], metrics["round_trip"]
         r.notes["evaluate"] = (f"class consistency trained {cc['trained']['consistency']:.3f}, real "
-                               f"{cc['real_heldout']['consistency']:.3f}, untrained {cc['untrained']['consistency']:.3f}")
+                               f"{cc['real_heldout']['consistency']:.3f}, untrained {cc['untrained']['consistency']:.3f}; "
+                               f"token round trip trained {rt['trained']['consistency']:.3f}, real "
+                               f"{rt['real_heldout']['consistency']:.3f}")
 
     metrics["timings_s"] = dict(r.timings, total=round(time.time() - t_start, 1))
     # Keep the timings of the run that did the work (a rerun that reuses everything only takes seconds).
@@ -431,7 +446,7 @@ def run_demo(args) -> dict:
 
 
 def print_summary(m: dict, r: Runner) -> None:
-    cc = m["class_consistency"]
+    cc, rt = m["class_consistency"], m["round_trip"]
     t = m["train"]
     lines = [
         "",
@@ -446,6 +461,10 @@ def print_summary(m: dict, r: Runner) -> None:
         f"      trained model  {cc['trained']['consistency']:.3f}   ({cc['trained']['n']} samples, CFG)",
         f"      real held-out  {cc['real_heldout']['consistency']:.3f}",
         f"      untrained      {cc['untrained']['consistency']:.3f}",
+        "  token round-trip consistency (decode, re-encode: share of token positions that survive):",
+        f"      trained model  {rt['trained']['consistency']:.3f}   (samples' tokens vs the tokens of their images)",
+        f"      real held-out  {rt['real_heldout']['consistency']:.3f}   (the ceiling: encode, decode, encode again)",
+        f"      untrained      {rt['untrained']['consistency']:.3f}",
     ]
     if m.get("fid"):
         lines.append(f"  FID etc.: {m['fid']}")

@@ -280,22 +280,24 @@ def read_manifest(samples_dir: str) -> dict:
 
 def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, settings, device,
                  progress=None) -> tuple:
-    """Images (uint8 (n, H, W, 3)), labels and indices for global indices start..stop-1, in batches."""
+    """Images (uint8 (n, H, W, 3)), labels, indices and the generated tokens (n, N) for global indices
+    start..stop-1, in batches."""
     import torch
     from rear_ds.evaluation.references import to_uint8_hwc
     from rear_ds.sampling import generate
 
-    images = []
+    images, token_list = [], []
     for s in range(start, stop, settings.batch_size):
         idx = torch.arange(s, min(stop, s + settings.batch_size), dtype=torch.long)
         labels = idx % num_classes
         tokens = generate(model, labels.to(device), idx, settings.seed, settings)
+        token_list.append(tokens.cpu().numpy())
         with torch.no_grad():
             images.append(to_uint8_hwc(tokenizer.decode(tokens.to(device))))
         if progress is not None:
             progress(images[-1].shape[0])
     indices = np.arange(start, stop, dtype=np.int64)
-    return np.concatenate(images), indices % num_classes, indices
+    return np.concatenate(images), indices % num_classes, indices, np.concatenate(token_list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,9 +418,9 @@ def run(args) -> int:
         try:
             for k in todo:
                 start, stop = chunk_range(k, cs, N)
-                images, labels, indices = sample_range(model, tokenizer, start, stop, C, settings, device,
-                                                         progress=bar.update)
-                write_chunk(os.path.join(out_dir, chunk_name(k)), images, labels, indices, fp)
+                images, labels, indices, tokens = sample_range(model, tokenizer, start, stop, C, settings, device,
+                                                                 progress=bar.update)
+                write_chunk(os.path.join(out_dir, chunk_name(k)), images, labels, indices, fp, tokens)
                 stats["chunks_written"] += 1
                 stats["images_generated"] += int(images.shape[0])
                 if kill_after and stats["chunks_written"] >= kill_after:

@@ -252,6 +252,7 @@ def train(cfg, ds_cfg: dict, env, device) -> int:
     meter = metrics.Throughput(flops, cfg.model.num_tokens, world, metrics.peak_tflops(t.peak_tflops))
     keys = ("loss", "ce", "enc_align", "dec_align", "token_acc", "noise_frac")
     sums, n_sum = torch.zeros(len(keys), device=device), 0  # on the device: no host sync until log time
+    digest = metrics.DataDigest(device)
 
     def save_checkpoint() -> bool:
         local = {"rng": ckpt.rng_state(gen), "reader": loader.state_dict()}
@@ -280,6 +281,7 @@ def train(cfg, ds_cfg: dict, env, device) -> int:
             tokens, labels = next(loader)  # its DataLoader has its own generator: the global RNG is dropout's
             tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             meter.data_s += time.perf_counter() - t0
+            digest.update(tokens, labels)
             # rho follows the global optimizer step; class dropout + perturbation happen inside.
             loss, m = objective(engine, tokens, labels, codebook, step=step, generator=gen)
             engine.backward(loss)
@@ -313,7 +315,8 @@ def train(cfg, ds_cfg: dict, env, device) -> int:
             rec = {"step": step, **dict(zip(keys, avg)), "rho": objective.rho(step - 1), "lr": lr,
                    "grad_norm": float(gn) if gn is not None else None, "skipped_steps": engine.skipped_steps,
                    **meter.summary(),
-                   "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch}
+                   "samples_seen": samples_seen, "epochs": samples_seen / t.images_per_epoch,
+                   "data_digest": int(digest.value)}
             rec["data"] = stats  # rank 0's reader
             rec["corrupt_shards_skipped"] = corrupt_total  # all ranks
             logger.log_step(rec)

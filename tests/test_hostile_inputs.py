@@ -255,7 +255,7 @@ def test_eps_named_jpeg_never_reaches_ghostscript(fake_gs, monkeypatch):
     with pytest.raises(ValueError) as e:
         load_image(eps_bytes())
     assert not fake_gs[1].exists()  # was run: first `gs --version`, then to render the page
-    assert str(e.value) == "not an image in an accepted format (JPEG, PNG, WEBP, BMP)"
+    assert str(e.value) == "not an image in an accepted format (JPEG, PNG, WEBP, BMP, TIFF)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def hostile(tmp_path_factory):
 
 
 BAD = {"n00/thin.png": "too elongated: 1x40000",
-       "n01/eps.JPEG": "not an image in an accepted format (JPEG, PNG, WEBP, BMP)",
+       "n01/eps.JPEG": "not an image in an accepted format (JPEG, PNG, WEBP, BMP, TIFF)",
        "n01/loop": "link to the folder 'n01', already listed: not followed",
        "n02/alias": "link to the folder 'n00', already listed: not followed",
        "n02/pipe.JPEG": "not a regular file (FIFO)"}

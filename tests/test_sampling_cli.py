@@ -67,7 +67,7 @@ def assert_same_chunks(a, b):
     assert names == chunk_files(b) == [f"chunk_{k:06d}.npz" for k in range(-(-N // CHUNK))]
     for n in names:
         x, y = np.load(os.path.join(a, n)), np.load(os.path.join(b, n))
-        for key in ("images", "labels", "indices", "fingerprint"):
+        for key in ("images", "labels", "indices", "fingerprint", "tokens"):
             assert np.array_equal(x[key], y[key]), (n, key)
         assert x["images"].tobytes() == y["images"].tobytes()
 
@@ -86,10 +86,14 @@ def reference_run(tiny, tmp_path_factory):
     return out
 
 
-def test_chunk_format_and_class_order(reference_run):
+def test_chunk_format_and_class_order(tiny, reference_run):
     import json
 
     from rear_ds.evaluation.chunks import gather_chunks
+    from rear_ds.evaluation.references import to_uint8_hwc
+    from rear_ds.models.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(tiny["cfg"].tokenizer)
 
     with open(os.path.join(reference_run, "manifest.json")) as f:
         manifest = json.load(f)
@@ -101,6 +105,10 @@ def test_chunk_format_and_class_order(reference_run):
         d = np.load(os.path.join(reference_run, n), allow_pickle=False)
         assert d["images"].dtype == np.uint8 and d["images"].shape[1:] == (32, 32, 3)
         assert np.array_equal(d["labels"], d["indices"] % 10)
+        # the generated tokens travel with their images (token round-trip diagnostic): they decode to them
+        assert d["tokens"].dtype == np.int32 and d["tokens"].shape == (len(d["labels"]), tiny["cfg"].model.num_tokens)
+        decoded = to_uint8_hwc(tokenizer.decode(torch.from_numpy(d["tokens"]).long()))
+        assert np.abs(decoded.astype(int) - d["images"].astype(int)).max() <= 1  # thread-count rounding only
         labels.append(d["labels"])
     labels = np.concatenate(labels)
     assert np.array_equal(np.bincount(labels), np.full(10, N // 10))  # exactly N / C per class

@@ -178,7 +178,7 @@ def test_a_failed_conversion_never_poisons_the_next_attempt(tmp_path, monkeypatc
     monkeypatch.setattr(ckpt.time, "sleep", lambda s: real_sleep(0.01))
     dst = tmp_path / "step_00000020_universal"
     dst.mkdir()
-    timer = threading.Timer(0.5, lambda: ckpt._fsync_write(str(dst / ckpt.COMPLETE), json.dumps({"step": 20})))
+    timer = threading.Timer(0.5, lambda: ckpt.write_text_atomic(str(dst / ckpt.COMPLETE), json.dumps({"step": 20})))
     timer.start()
     assert ckpt.ensure_universal(str(tmp_path), "step_00000020") == "step_00000020_universal"
     # this attempt's own failure does stop the waiting ranks

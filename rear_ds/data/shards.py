@@ -89,17 +89,29 @@ def tar_bytes(payload: int) -> int:
     return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
 
 
-def write_json_atomic(path: str, data: dict, sort_keys: bool = True, default=None, indent: Optional[int] = 1) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half.
-    ``default`` is json.dump's hook for values JSON has no type for; ``indent=None`` writes one line (and
-    the file ends with a newline either way, so a JSON-lines file can start with it)."""
+def write_text_atomic(path: str, text: str) -> None:
+    """The one atomic writer: a temporary name, fsync, rename, fsync of the folder (the rename itself survives
+    a node crash). Readers see the old file or the new one, never half of one."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique across hosts on a shared filesystem
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent, sort_keys=sort_keys, default=default)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, data: dict, sort_keys: bool = True, default=None, indent: Optional[int] = 1) -> None:
+    """JSON through :func:`write_text_atomic`. ``default`` is json.dump's hook for values JSON has no type for;
+    ``indent=None`` writes one line (and the file ends with a newline either way, so a JSON-lines file can start
+    with it)."""
+    buf = io.StringIO()
+    json.dump(data, buf, indent=indent, sort_keys=sort_keys, default=default)
+    write_text_atomic(path, buf.getvalue() + "\n")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

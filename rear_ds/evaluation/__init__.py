@@ -9,4 +9,5 @@ Modules:
     fid         ``evaluate_fid`` for in-training evaluation
     ref_stats   ``python -m rear_ds.evaluation.ref_stats``: compute reference statistics once
     grid        ``save_grid``: a PNG grid of uint8 images
+    round_trip  token round-trip consistency (decode, re-encode, share of surviving tokens)
 """

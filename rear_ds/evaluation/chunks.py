@@ -10,6 +10,8 @@ and is stored as ``chunk_{k:06d}.npz`` (written with ``np.savez``, read with ``a
     indices      int64  (n,)           global sample indices, ascending and contiguous
     fingerprint  str    ()             hash of the run settings (checkpoint sha256, sampling settings, N,
                                        chunk size, seed): chunks of different runs are never mixed
+    tokens       int32  (n, N)         the generated token ids the images were decoded from (for the
+                                       token round-trip diagnostic); absent in chunks from before it existed
 
 A chunk file appears atomically (written to a temporary name in the same folder, fsynced, renamed), so a
 killed sampler leaves either a complete chunk or none (plus, at worst, a ``.tmp`` file that is ignored).
@@ -59,7 +61,8 @@ def labels_for(indices: np.ndarray, num_classes: int) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64) % num_classes
 
 
-def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, fingerprint: str) -> None:
+def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, fingerprint: str,
+                tokens: Optional[np.ndarray] = None) -> None:
     """Write one chunk atomically: temp file in the same folder, fsync, rename."""
     images = np.ascontiguousarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -69,11 +72,14 @@ def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.n
     indices = np.asarray(indices, dtype=np.int64)
     if labels.shape != (n,) or indices.shape != (n,):
         raise ValueError(f"chunk {path!r}: labels {labels.shape} / indices {indices.shape} must be ({n},)")
+    arrays = {"images": images, "labels": labels, "indices": indices, "fingerprint": np.array(fingerprint)}
+    if tokens is not None:
+        arrays["tokens"] = np.asarray(tokens, dtype=np.int32).reshape(n, -1)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{socket.gethostname()}.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels, indices=indices, fingerprint=np.array(fingerprint))
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

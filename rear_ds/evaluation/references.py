@@ -22,7 +22,7 @@ import numpy as np
 
 from rear_ds.evaluation.stats import load_ref_stats
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def to_uint8_hwc(images) -> np.ndarray:

@@ -55,9 +55,13 @@ class ToyClassifier(nn.Module):
                                       stage(2 * width, 4 * width))
         self.head = nn.Linear(4 * width, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> (B, 4 * width) pooled features (what the head sees)."""
+        return self.features(x * 2 - 1).mean((2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, num_classes) logits."""
-        return self.head(self.features(x * 2 - 1).mean((2, 3)))
+        return self.head(self.embed(x))
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -90,6 +94,22 @@ def predict(model: nn.Module, images, batch: int = 256) -> torch.Tensor:
     model.eval()
     x = _to_float(images)
     return torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images, batch: int = 256) -> np.ndarray:
+    """Pooled features (n, 4 * width) in float64 for uint8 HWC or float CHW images."""
+    model.eval()
+    x = _to_float(images)
+    return torch.cat([model.embed(x[i:i + batch]) for i in range(0, len(x), batch)]).double().numpy()
+
+
+def feature_frechet(model: nn.Module, images, reference) -> float:
+    """Frechet distance between two image sets in this classifier's feature space: the toy stand-in for
+    FID (the same formula on 64-d features of a 10-class toy CNN; NOT comparable to any FID)."""
+    from rear_ds.evaluation.stats import fid_stats, frechet_distance
+
+    return frechet_distance(*fid_stats(embed(model, images)), *fid_stats(embed(model, reference)))
 
 
 def class_consistency(model: nn.Module, images, labels) -> dict:

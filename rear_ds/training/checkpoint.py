@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rear_ds.data.shards import write_text_atomic
 from rear_ds.training import launch_env, signals
 
 log = logging.getLogger("rear_ds")
@@ -67,16 +68,6 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
-    _fsync_path(os.path.dirname(path) or ".")  # the rename itself
 
 
 def read_meta(tag_dir: str) -> Optional[dict]:
@@ -477,10 +468,10 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, meta: dict, confi
         commit_problem = None
         if rank == 0:
             try:
-                _fsync_write(os.path.join(path, "rear_config.json"), config_json)
-                _fsync_write(os.path.join(path, COMPLETE), json.dumps({**meta, "step": step, "tag": tag,
+                write_text_atomic(os.path.join(path, "rear_config.json"), config_json)
+                write_text_atomic(os.path.join(path, COMPLETE), json.dumps({**meta, "step": step, "tag": tag,
                                                                        "time": time.time()}))
-                _fsync_write(os.path.join(ckpt_dir, LATEST), tag + "\n")
+                write_text_atomic(os.path.join(ckpt_dir, LATEST), tag + "\n")
             except OSError as e:
                 commit_problem = _describe(e)
                 try:  # never leave a COMPLETE marker whose `latest` did not move
@@ -528,9 +519,9 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
         if res.returncode != 0:
             msg = (f"ds_to_universal failed on {src} (exit {res.returncode}):\n"
                    f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-            _fsync_write(failed, json.dumps({"attempt": attempt, "error": msg}))  # tells the waiting ranks
+            write_text_atomic(failed, json.dumps({"attempt": attempt, "error": msg}))  # tells the waiting ranks
             raise RuntimeError(msg)
-        _fsync_write(os.path.join(dst, COMPLETE), json.dumps({**read_meta(src), "universal": True}))
+        write_text_atomic(os.path.join(dst, COMPLETE), json.dumps({**read_meta(src), "universal": True}))
     else:
         # The conversion of a large model can outlast the collective timeout (an NCCL barrier would kill
         # the waiting ranks): wait for rank 0's COMPLETE (or this attempt's FAILED) marker on the file system.

@@ -28,6 +28,7 @@ def _share(num_samples: int, rank: int, world: int) -> range:
 @torch.no_grad()
 def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> np.ndarray:
     """uint8 (n, H, W, 3) images for the given global sample indices (all ranks must call this together)."""
+    from rear_ds.evaluation.references import to_uint8_hwc
     from rear_ds.sampling import generate
     from rear_ds.training.build import compute_device, sampling_model
 
@@ -43,8 +44,7 @@ def generate_images(model, tokenizer, cfg, indices: range, zero_stage: int) -> n
                 sl = slice(start, start + cfg.sampling.batch_size)
                 tokens = generate(m, labels[sl].to(device), idx[sl], cfg.sampling.seed, cfg.sampling)
                 images = tokenizer.decode(tokens.to(next(tokenizer.parameters()).device))
-                # As the reference: clamp to [0, 1], x255, truncate to uint8, HWC.
-                out.append((images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+                out.append(to_uint8_hwc(images))  # as the reference: clamp, x255, truncate
     finally:
         torch.set_rng_state(rng)
     return np.concatenate(out)

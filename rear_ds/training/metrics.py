@@ -244,6 +244,27 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+class DataDigest:
+    """A running hash of the micro-batches this rank consumed, content and order (logged as ``data_digest``,
+    rank 0's): two runs that log the same digests saw the same data in the same order (the ablation checks
+    its arms with it). Integer arithmetic on the device, no host sync per step; it starts again at every
+    (re)start of the process."""
+
+    MOD = 2_147_483_647  # 2^31 - 1: every product and sum below stays exact in int64
+
+    def __init__(self, device):
+        self.value = torch.zeros((), dtype=torch.int64, device=device)
+        self._weights = None
+
+    def update(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        flat = torch.cat([labels.reshape(-1, 1), tokens.reshape(labels.shape[0], -1)], 1).reshape(-1).long()
+        if self._weights is None or self._weights.numel() != flat.numel():  # fixed pseudo-random weights
+            gen = torch.Generator().manual_seed(0)  # its own generator: the global RNG streams stay untouched
+            self._weights = torch.randint(1, self.MOD, (flat.numel(),), generator=gen).to(flat.device)
+        h = (flat * self._weights).remainder(self.MOD).sum().remainder(self.MOD)
+        self.value = (self.value * 1_000_003 + h + 1).remainder(self.MOD)
+
+
 def peak_memory_gb() -> Optional[float]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
