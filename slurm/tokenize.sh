@@ -21,6 +21,7 @@
 #   TOKENIZE_WORLD_SIZE  number of ranks, for the finalize stage              [$SLURM_ARRAY_TASK_COUNT or 1]
 #   RANK_FLAG / WORLD_FLAG / FINALIZE_FLAG  flag names of the tool       [--rank / --world-size / --finalize]
 #   TOKENIZE_TASKS       array size when this file submits itself (bash slurm/tokenize.sh)  [8]
+#   MAX_REQUEUES         a task that exits 75 (transient read error) requeues itself at most this often [50]
 #   DRY_RUN              1 = print the command instead of running it                        [0]
 # sbatch defaults: override on the command line or with SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT...
 # (CPU-only: sbatch --gpus-per-node=0).
@@ -57,7 +58,9 @@ ARRAY_RANK=$(( ${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0} ))
 
 case "${STAGE:-rank}" in
     rank)
-        rear_exec "$PYTHON" "$TOKENIZE_SCRIPT" "$@" \
+        # Exit 75: an input stayed unreadable with an error that may pass (EIO, ESTALE, ...) and the rank stopped
+        # before committing that shard: requeue the task; its rerun skips the shards already committed.
+        rear_run_requeue_on_75 "$PYTHON" "$TOKENIZE_SCRIPT" "$@" \
             "${RANK_FLAG:---rank}" "$ARRAY_RANK" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"
         ;;
     finalize)

@@ -162,10 +162,19 @@ fi
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
 export MASTER_ADDR MASTER_PORT
+# The address the rendezvous goes to, as this (the first) node resolves its name. gloo binds each process to
+# the address its host name resolves to: a loopback one (a "127.0.1.1 <host>" line in /etc/hosts) cannot be
+# reached from the other nodes.
+MASTER_IP=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk '{print $1; exit}' || true)
+if [ "$DEVICE" = cpu ] && [ "$NNODES" -gt 1 ] && [[ "$MASTER_IP" == 127.* ]]; then
+    log "WARNING: $MASTER_ADDR resolves to $MASTER_IP (loopback) on itself: gloo processes on the other nodes will" \
+        "not reach it; map the node names to their network addresses in /etc/hosts or set GLOO_SOCKET_IFNAME"
+fi
 
 # ---------------------------------------------------------------- environment
 # MODULES / VENV / PRE_RUN, loaded the same way as in the other scripts (slurm/common.sh), before the
 # first use of $PYTHON below.
+REAR_SCRIPT=train.sh
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
 rear_setup_env
@@ -197,7 +206,7 @@ TRAIN=("$PYTHON" "$TRAIN_SCRIPT" --deepspeed_config "$DS_CONFIG" --config "$CONF
 cat <<EOF
 ==== slurm/train.sh  job ${SLURM_JOB_ID:-none}  restart ${SLURM_RESTART_COUNT:-0}  $(date '+%F %T')
 nodes: $NNODES (${NODES[*]})
-master address: $MASTER_ADDR:$MASTER_PORT
+master address: $MASTER_ADDR:$MASTER_PORT${MASTER_IP:+ ($MASTER_IP)}
 world size: $WORLD_SIZE ($NNODES nodes x $PER_NODE processes per node, $DEVICE)
 per-GPU batch: $batch_info
 cpus per task: $CPUS_PER_TASK (OMP_NUM_THREADS=$OMP_NUM_THREADS)
@@ -265,13 +274,6 @@ if [ "$rc" != 0 ] && [ "$rc" != 75 ]; then
 fi
 
 if [ "$rc" = 75 ] && [ "$GOT_TERM" = 0 ]; then
-    restarts=${SLURM_RESTART_COUNT:-0}
-    if [ "$restarts" -ge "${MAX_REQUEUES:-50}" ]; then
-        log "checkpoint written, but this job was already requeued $restarts times (MAX_REQUEUES): not requeueing"
-        exit 75
-    fi
-    log "checkpoint written (exit 75$([ "$GOT_USR1" = 1 ] && echo ' after SIGUSR1')): requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    rear_requeue "checkpoint written (exit 75$([ "$GOT_USR1" = 1 ] && echo ' after SIGUSR1'))"
 fi
 exit "$rc"

@@ -1,7 +1,7 @@
 """Slurm scripts: shellcheck, dry runs with a faked allocation, and jobs on a REAL single-node Slurm cluster.
 
 The cluster is installed, configured and started by tests/slurm_cluster.sh (Debian packages; needs root)
-in a session fixture and stopped afterwards if it was not running before. Jobs are submitted with the
+in a module fixture (one node on localhost; what ran before is put back afterwards: see tests/slurm_helpers.py). Jobs are submitted with the
 real `sbatch` from a temporary folder (so the slurm-*.out files land there) with REPO_DIR=<repo>.
 
 Two kinds of end-to-end tests:
@@ -19,44 +19,21 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "tests" / "slurm_cluster.sh"
+from slurm_helpers import (CLUSTER, CPU_JOB, REPO, assert_ok, cannot_install, clean_env, log_steps, logs,
+                           make_tiny_inputs, running_cluster, sbatch, tiny_train_args, wait_for, wait_jobs)
+
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + [CLUSTER]
-CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=60"]  # test cluster: no GPUs, 4 CPUs; time > 600 s warning
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
-
-
-def _clean_env(**extra) -> dict:
-    """The test's environment without Slurm or launcher variables (the suite may itself run inside a job,
-    and in-process DeepSpeed tests leave MASTER_PORT and friends behind)."""
-    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in launcher}
-    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _can_install() -> str:
-    """'' if this machine can run the cluster script, else the reason to skip."""
-    if os.geteuid() != 0:
-        return "the Slurm cluster tests need root (apt-get, /etc/slurm, daemons)"
-    if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        return "apt-get is not available to install Slurm"
-    return ""
 
 
 # --------------------------------------------------------------------------- shellcheck
 @pytest.fixture(scope="session")
 def shellcheck() -> str:
     if not shutil.which("shellcheck"):
-        reason = _can_install()
+        reason = cannot_install()
         if reason:
             pytest.skip(f"shellcheck missing and cannot be installed: {reason}")
         r = subprocess.run(["bash", str(CLUSTER), "install"], capture_output=True, text=True, timeout=600)
@@ -100,7 +77,7 @@ def fake_slurm(tmp_path):
     def run(nodes: int, gpus: int, ntasks_per_node: int | None = None, args=(), **env):
         nodelist = "gpu001" if nodes == 1 else f"gpu[001-{nodes:03d}]"
         per_node = gpus if ntasks_per_node is None else ntasks_per_node
-        e = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN=1, SLURM_JOB_ID=4242,
+        e = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN=1, SLURM_JOB_ID=4242,
                        SLURM_JOB_NODELIST=nodelist, SLURM_NNODES=nodes, SLURM_NTASKS=nodes * per_node,
                        SLURM_NTASKS_PER_NODE=per_node, SLURM_CPUS_PER_TASK=8, SLURM_SUBMIT_DIR=REPO)
         if gpus:
@@ -145,7 +122,7 @@ def test_train_dry_run_rejects_tasks_gpus_mismatch(fake_slurm):
 
 def test_train_missing_config_fails_fast(fake_slurm, tmp_path):
     r = subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--config", "configs/nope.yaml"],
-                       env=_clean_env(DRY_RUN=1), capture_output=True, text=True, cwd=tmp_path)
+                       env=clean_env(DRY_RUN=1), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "config configs/nope.yaml not found" in r.stderr
 
 
@@ -155,7 +132,7 @@ def test_submit_chain_dry_run(tmp_path):
                         "train:", "--config", "configs/tiny.yaml", "train.out_dir=runs/t",
                         "sample:", "--config", "configs/tiny.yaml", "--out-dir", "runs/t/samples",
                         "evaluate:", "--reference", "ref.npz"],
-                       cwd=REPO, env=_clean_env(DRY_RUN=1, PARTITION="p1", ACCOUNT="a1"),
+                       cwd=REPO, env=clean_env(DRY_RUN=1, PARTITION="p1", ACCOUNT="a1"),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert [line.split()[0] for line in r.stdout.splitlines()] == ["tokenize", "finalize", "train", "sample",
@@ -170,66 +147,13 @@ def test_submit_chain_dry_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- the real cluster
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster():
-    reason = _can_install()
+    reason = cannot_install()
     if reason:
         pytest.skip(reason)
-    was_running = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
-    t0 = time.time()
-    r = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        pytest.fail(f"tests/slurm_cluster.sh start failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    print(f"slurm cluster ready in {time.time() - t0:.1f}s")
-    yield
-    if not was_running:
-        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=300)
-
-
-def sbatch(args, cwd, env=None) -> str:
-    r = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or _clean_env(REPO_DIR=REPO),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"sbatch {args} failed: {r.stderr}"
-    return r.stdout.strip().split(";")[0]
-
-
-def job_records(job_id: str) -> list[dict]:
-    """`scontrol show job -o` as dicts: one per job, or per array task."""
-    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    recs = []
-    for line in r.stdout.splitlines():
-        recs.append(dict(re.findall(r"(\w+)=(\S*)", line)))
-    return recs
-
-
-def wait_jobs(*job_ids: str, timeout: float = 300) -> list[dict]:
-    """Wait until every job (and array task) is in a final state; returns their records."""
-    deadline = time.time() + timeout
-    while True:
-        recs = [rec for j in job_ids for rec in job_records(j)]
-        if recs and all(rec.get("JobState") in TERMINAL for rec in recs) and not any(
-                rec.get("ArrayTaskId", "").find("[") >= 0 for rec in recs):  # pending array remainder
-            return recs
-        if time.time() > deadline:
-            subprocess.run(["scancel", *job_ids])
-            pytest.fail(f"jobs {job_ids} not finished after {timeout}s: "
-                        + "; ".join(f"{r.get('JobId')} {r.get('JobState')} {r.get('Reason')}" for r in recs))
-        time.sleep(0.3)
-
-
-def logs(folder: Path, pattern="slurm-*") -> str:
-    return "\n".join(f"==== {p.name}\n{p.read_text()}" for p in sorted(folder.glob(pattern)))
-
-
-def assert_ok(recs, folder):
-    bad = [r for r in recs if r.get("JobState") != "COMPLETED" or r.get("ExitCode") != "0:0"]
-    assert not bad, f"{[(r.get('JobId'), r.get('JobState'), r.get('ExitCode')) for r in bad]}\n{logs(folder)}"
-
-
-def log_steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "log.jsonl") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return [r["step"] for r in recs if "step" in r and "loss" in r]  # metric lines, not events
+    with running_cluster(nodes=0):
+        yield
 
 
 # A stand-in for rear_ds/train.py that follows the CONTRACTS.md CLI and exit codes: checkpoint + exit 75 on
@@ -279,15 +203,7 @@ def fake_train(tmp_path):
     cfg.write_text("train:\n  micro_batch_size: 4\n")
     ds = tmp_path / "ds.json"
     ds.write_text("{}\n")
-    return ["--config", cfg, "--deepspeed_config", ds], _clean_env(REPO_DIR=REPO, TRAIN_SCRIPT=script)
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    return ["--config", cfg, "--deepspeed_config", ds], clean_env(REPO_DIR=REPO, TRAIN_SCRIPT=script)
 
 
 def test_train_two_tasks_stub(slurm_cluster, tmp_path, fake_train):
@@ -354,7 +270,7 @@ def test_chain_stub_tools(slurm_cluster, tmp_path):
         (fake / rel).write_text(STUB_TOOL)
     (fake / "slurm").symlink_to(REPO / "slurm")
     record = tmp_path / "record.jsonl"
-    env = _clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
     env.pop("REPO_DIR", None)  # submit_chain.sh derives it from its own path: the fake repo
     r = subprocess.run(["bash", str(fake / "slurm/submit_chain.sh"), "tokenize:", "--out", "shards",
                         "sample:", "--out-dir", "samples", "--num-samples", "8",
@@ -385,88 +301,43 @@ def need(*rel_paths: str):
             pytest.skip(f"entry point {rel} not present yet")
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory):
-    """Token shards for configs/tiny.yaml, made by the real data_prep/tokenize.py (2 ranks + finalize) run
-    directly (not through Slurm, to keep this fixture independent of the Slurm tokenize test)."""
+@pytest.fixture(scope="module")
+def tokenize_array(slurm_cluster, tmp_path_factory):
+    """The tokenize array (2 tasks) and its finalize job through slurm/tokenize.sh; their token shards for
+    configs/tiny.yaml are the training data of the tests below."""
     need("data_prep/tokenize.py", "configs/tiny.yaml")
     root = tmp_path_factory.mktemp("tiny_data")
     images, weights, out = make_tiny_inputs(root)
-    base = [sys.executable, "data_prep/tokenize.py", "--input", images, "--out", out, "--config", "configs/tiny.yaml",
-            "--tokenizer-weights", weights, "--views", "center", "--workers", "0", "--images-per-shard", "8",
-            "--device", "cpu"]
-    for rank in (0, 1):
-        r = subprocess.run([*base, "--rank", str(rank), "--world-size", "2"], cwd=REPO, capture_output=True,
-                           text=True, env=_clean_env(), timeout=600)
-        assert r.returncode == 0, r.stderr
-    r = subprocess.run([*base, "--finalize"], cwd=REPO, capture_output=True, text=True, env=_clean_env())
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def make_tiny_inputs(root: Path):
-    """An ImageNet-style folder (3 classes x 8 random 40x40 PNGs) and random toy tokenizer weights."""
-    import numpy as np
-    from PIL import Image
-
-    sys.path.insert(0, str(REPO))
-    from rear_ds.config import load_config
-    from rear_ds.models.tokenizers import build_tokenizer
-    from rear_ds.models.weights import save_safetensors
-
-    rng = np.random.default_rng(0)
-    images = root / "images"
-    for c in range(3):
-        (images / f"n0000{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"n0000{c}/{i}.png")
-    cfg = load_config(str(REPO / "configs/tiny.yaml"))
-    tok = build_tokenizer(cfg.tokenizer, load_weights=False)
-    weights = root / "toy_vq.safetensors"
-    save_safetensors({k: v.contiguous() for k, v in tok.state_dict().items()}, str(weights))
-    return str(images), str(weights), str(root / "shards")
-
-
-def test_tokenize_array_and_finalize(slurm_cluster, tmp_path):
-    need("data_prep/tokenize.py", "configs/tiny.yaml")
-    images, weights, out = make_tiny_inputs(tmp_path)
-    env = _clean_env(REPO_DIR=REPO, TOKENIZE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
-    r = subprocess.run(["bash", str(REPO / "slurm/tokenize.sh"), "--input", images, "--out", out, "--config", "configs/tiny.yaml",
-                        "--tokenizer-weights", weights, "--views", "center", "--workers", "0",
+    env = clean_env(REPO_DIR=REPO, TOKENIZE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    r = subprocess.run(["bash", str(REPO / "slurm/tokenize.sh"), "--input", images, "--out", out, "--config",
+                        "configs/tiny.yaml", "--tokenizer-weights", weights, "--views", "center", "--workers", "0",
                         "--images-per-shard", "8", "--device", "cpu"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True)
+                       cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
+    return root, out, ids, wait_jobs(*ids.values(), timeout=600)
+
+
+def test_tokenize_array_and_finalize(tokenize_array):
+    root, out, ids, recs = tokenize_array
     assert list(ids) == ["tokenize", "finalize"]
-    recs = wait_jobs(*ids.values(), timeout=600)
-    assert_ok(recs, tmp_path)
+    assert_ok(recs, root)
     assert len([r for r in recs if r.get("ArrayJobId") == ids["tokenize"]]) == 2
     assert sorted(Path(out).glob("shard-*.tar")), "no shards written"
     assert json.loads((Path(out) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tokenize_array):
+    root, out, _, recs = tokenize_array
+    assert_ok(recs, root)
+    return out
 
 
 @pytest.fixture
 def train_entry():
     """Listed before tiny_shards so a missing trainer skips before any data is made."""
     need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
-
-
-def tiny_train_args(run: Path, shards: str, max_steps: int):
-    return ["--config", "configs/tiny.yaml", "--deepspeed_config", "ds_configs/zero2_bf16.json",
-            f"train.out_dir={run}", f"train.max_steps={max_steps}", f"data.shards={shards}", "train.log_every=1",
-            f"tokenizer.weights={Path(shards).parent / 'toy_vq.safetensors'}",  # made with the shards
-            "train.ckpt_every=5", "train.precision=bf16", "data.num_workers=0", "wandb.enabled=false"]
-
-
-def test_train_real_two_tasks(slurm_cluster, tmp_path, train_entry, tiny_shards):
-    need("rear_ds/train.py", "configs/tiny.yaml", "ds_configs/zero2_bf16.json")
-    run = tmp_path / "run"
-    jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh",
-                  *tiny_train_args(run, tiny_shards, 6)], tmp_path)
-    assert_ok(wait_jobs(jid, timeout=900), tmp_path)
-    assert "world size: 2" in (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
-    assert log_steps(run)[-1] == 6
-    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
 
 
 def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards):
@@ -487,7 +358,7 @@ def test_train_real_preemption(slurm_cluster, tmp_path, train_entry, tiny_shards
 
 
 def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, request):
-    """train -> sample array (2 tasks) -> evaluate through submit_chain.sh, with Inception weights and a
+    """train (2 tasks) -> sample array (2 tasks) -> evaluate through submit_chain.sh, with Inception weights and a
     reference folder made here (random weights in torch-fidelity's format: nothing is downloaded)."""
     need("rear_ds/sample.py", "rear_ds/evaluate.py")
     import numpy as np
@@ -503,7 +374,7 @@ def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, reques
     for i in range(10):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     run = tmp_path / "run"
-    env = _clean_env(REPO_DIR=REPO, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
+    env = clean_env(REPO_DIR=REPO, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
                      TRAIN_SBATCH="--ntasks-per-node=2")
     tiny_shards = request.getfixturevalue("tiny_shards")
     tok_weights = str(Path(tiny_shards).parent / "toy_vq.safetensors")
@@ -518,6 +389,11 @@ def test_sample_array_then_evaluate(slurm_cluster, tmp_path, train_entry, reques
     ids = dict(line.split() for line in r.stdout.splitlines())
     assert list(ids) == ["train", "sample", "evaluate"]
     assert_ok(wait_jobs(*ids.values(), timeout=1200), tmp_path)
+    # the training job: two tasks on one node, to its last step, with its final checkpoint and resolved config
+    assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in (
+        tmp_path / f"slurm-rear-train-{ids['train']}.out").read_text()
+    assert log_steps(run)[-1] == 5
+    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "samples").glob("chunk_*.npz")) == ["chunk_000000.npz",
                                                                                   "chunk_000001.npz"]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

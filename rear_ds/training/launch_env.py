@@ -422,7 +422,8 @@ def describe_peers(out_dir: str, rank: int, world_size: int) -> str:
         if b is None:
             lines.append((0, f"rank {r}: no heartbeat (it never finished a step)"))
             continue
-        state, order = "alive", 2
+        # another node's process table is out of reach: its pid says nothing here
+        state, order = ("alive", 2) if b.get("host") == host else ("on another host", 2)
         if b.get("host") == host:
             try:
                 os.kill(int(b["pid"]), 0)
