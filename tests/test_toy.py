@@ -54,3 +54,16 @@ def test_folder_layout_manifest_and_reuse(tmp_path):
     assert not reused3 and man3["pixels_sha256"] != man["pixels_sha256"]
     x, y = load_split(root, "train", 16)
     assert x.shape == (2 * NUM_CLASSES, 16, 16, 3) and list(y[:3]) == [0, 0, 1]
+
+
+def test_shipped_toy_tokenizer_matches_the_toy_config():
+    """The shipped weights are used only when their cache key equals the one computed for configs/toy.yaml: a
+    config field that the toy VQ does not use (a new tokenizer family's knobs) must not change it, else every demo,
+    ablation and test quietly retrains the tokenizer (86 s each)."""
+    from rear_ds.config import load_config
+    from rear_ds.toy.tokenizer_training import SHIPPED_DIR, VQTrainConfig, cache_key, read_report
+
+    shipped = read_report(SHIPPED_DIR)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "toy.yaml"))
+    assert cache_key(cfg.tokenizer, VQTrainConfig(), shipped["data_sha256"]) == shipped["cache_key"]

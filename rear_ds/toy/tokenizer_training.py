@@ -64,9 +64,11 @@ class VQTrainConfig:
 
 
 def arch_dict(cfg: TokenizerConfig) -> dict:
-    """The tokenizer config minus the weights path (what the weights depend on)."""
+    """The tokenizer config minus what the toy VQ weights do not depend on: the weights path and the other
+    families' knobs (a new AliTok field must not invalidate the shipped weights)."""
     d = asdict(cfg)
     d.pop("weights", None)
+    d.pop("alitok", None)
     d["channel_mult"] = list(d["channel_mult"])
     return d
 
