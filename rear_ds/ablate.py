@@ -1,7 +1,7 @@
 """reAR vs the plain AR baseline at equal compute and data order, on the embedded toy data.
 
     python -m rear_ds.ablate [--out runs/ablate] [--seeds 0 1 2] [--steps 240] [--single-term-arms]
-    python -m rear_ds.ablate --quick              (1 seed, 24 steps, 5 samples per class: a smoke run)
+    python -m rear_ds.ablate --quick              (1 seed, 12 steps, 5 samples per class: a smoke run)
     rear-ablate ...                               (the same, as an installed command)
 
 What it does, with the demo's stages (rear_ds.demo: the toy dataset, tokenizer, classifier and token shards,
@@ -49,7 +49,7 @@ SINGLE_TERM_ARMS = {"encode_only": (False, True, False), "decode_only": (False, 
                     "noise_only": (True, False, False)}
 # Default: 6 runs of 240 steps fit 30 minutes on a 2-core CPU (ABLATION.md gives the measured times).
 DEFAULTS = {"steps": 240, "seeds": [0, 1, 2], "samples_per_class": 20}
-QUICK = {"steps": 24, "seeds": [0], "samples_per_class": 5}
+QUICK = {"steps": 12, "seeds": [0], "samples_per_class": 5}
 METRICS = (("round_trip", "token round-trip consistency", "higher"),
            ("class_consistency", "class consistency", "higher"),
            ("feature_frechet", "Frechet distance, toy classifier features (NOT FID)", "lower"))

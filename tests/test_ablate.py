@@ -1,6 +1,6 @@
 """``python -m rear_ds.ablate``: reAR vs plain AR on the toy data, and the pieces it is built from.
 
-The integration test runs the real quick mode (toy data, two `deepspeed --num_gpus 2` launches of 24 steps,
+The integration test runs the real quick mode (toy data, two `deepspeed --num_gpus 2` launches of 12 steps,
 two sampling runs) and checks the report's structure and ranges, that the two arms really differ in their
 objective switches only and consumed the same batches in the same order, and that the ablation's own checks
 fail on a tampered run. It never asserts which arm wins: at this length the numbers are noise.
