@@ -53,7 +53,7 @@ SLURMD_PID=$PID_DIR/slurmd.pid
 MUNGE_PID=/run/munge/munged.pid
 BRIDGE=rbr0
 NET=10.77.0        # the test nodes' own subnet: controller .1 on the bridge, nodeK .1K
-PKGS=(munge slurmctld slurmd slurm-client shellcheck)
+PKGS=(munge slurmctld slurmd slurm-client shellcheck iproute2 util-linux)  # ip, nsenter, unshare: the multi-node mode
 
 log() { echo "slurm_cluster: $*" >&2; }
 
