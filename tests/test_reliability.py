@@ -641,8 +641,11 @@ def test_wandb_keeps_the_steps_a_resumed_run_logs_again(tmp_path, monkeypatch):
         for s in steps:
             logger.log_step({"step": s, "loss": 1.0 / s})
         logger.close()
+    # The run id is in each folder's log name (run-<id>.wandb); the folder name gets "-1" appended when both
+    # runs start within the same second, so its tail is not the id.
     runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
-    assert len(runs) == 2 and runs[0][-12:] == runs[1][-12:]  # the same W&B run id, resumed
+    ids = [os.path.basename(glob.glob(os.path.join(r, "run-*.wandb"))[0])[4:-6] for r in runs]
+    assert len(runs) == 2 and ids[0] == ids[1], ids  # the same W&B run id, resumed
     rows, metrics = _wandb_history(runs[1])
     assert [r["train/step"] for r in rows] == [11, 12, 13]
     assert [r["_step"] for r in rows] == [0, 1, 2]  # W&B's own counter: monotonic whatever train/step does
