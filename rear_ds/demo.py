@@ -8,7 +8,7 @@ Stages, each one the real command run as a subprocess (what a user would type):
   1. dataset     python data_prep/make_toy_dataset.py        10 procedurally drawn classes, ImageNet layout
   2. tokenizer   python data_prep/train_toy_tokenizer.py     small MaskGIT-VQGAN ("toy_vq"), cached; PSNR
   3. classifier  (in-process, cached)                        small CNN on the real toy images
-  4. tokenize    python data_prep/tokenize.py (+ --finalize) WebDataset token shards
+  4. tokenize    python data_prep/tokenize.py                WebDataset token shards + manifest
   5. train       deepspeed --num_gpus 2 rear_ds/train.py --deepspeed_config ds_configs/zero2_bf16.json
                  --config configs/toy.yaml ...               2 CPU processes, ZeRO-2, bf16, reAR regularizers on
   6. export      python -m rear_ds.export
@@ -218,7 +218,6 @@ def stage_tokenize(r: Runner, paths: dict, tok_weights: str) -> dict:
         r.run("tokenize", [sys.executable, "data_prep/tokenize.py", "--input", rel(os.path.join(paths["data"], "train")),
                            "--out", rel(shards), "--config", rel(paths["config"]), "--tokenizer-weights", rel(tok_weights),
                            "--images-per-shard", "1000", "--workers", "0", "--batch-size", "250"])
-        r.run("tokenize_finalize", [sys.executable, "data_prep/tokenize.py", "--out", rel(shards), "--finalize"])
         r.notes["tokenize"] = f"wrote shards to {rel(shards)}"
     with open(os.path.join(shards, "manifest.json")) as f:
         man = json.load(f)

@@ -107,6 +107,8 @@ def two_ranks(images, tok, tmp_path_factory):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     assert "images seen = written + skipped" in err
+    # one rank of two cannot know the other is done: no manifest yet, and it says which command writes it
+    assert not os.path.exists(os.path.join(out, "manifest.json")) and "--finalize --out" in err
     tokenize("--finalize", "--out", out)
     with open(os.path.join(out, "manifest.json")) as f:
         return out, json.load(f)
@@ -246,8 +248,12 @@ def test_killed_run_rerun_is_byte_identical(two_ranks, images, tok, tmp_path, ca
         f.seek(700)
         f.write(b"\x00\x01")
     r = tokenize(*common(images, tok, out, workers=0))
-    finalize(out)
     assert "1 already complete" not in r.stderr
+    # a one-process run finalizes by itself: the same shards as the two ranks' manifest names
+    assert f"finalized {out}" in r.stderr
+    with open(os.path.join(out, "manifest.json")) as f:
+        mine = json.load(f)
+    assert mine["shards"] == m["shards"] and mine["accounting"] == m["accounting"]
     for s in m["shards"]:  # one rank now, two ranks before: same bytes
         with open(os.path.join(out, s["name"]), "rb") as a, open(os.path.join(out_ref, s["name"]), "rb") as b:
             assert a.read() == b.read(), s["name"]

@@ -12,8 +12,8 @@ and plan). A rerun skips shards whose file matches an entry's sha256 and redoes 
 rerun == uninterrupted, byte for byte. An input that cannot be read because of a fault that may pass
 (EIO, ESTALE, a timeout; retried first) stops the rank before its shard is committed: no shard ever
 has a hole that a rerun would not fill. ``--finalize`` checks every shard of every rank and writes
-``manifest.json``; of several entries for one shard (parts of runs with other world sizes) it takes
-the one that matches the file.
+``manifest.json`` (a one-process run does that itself at its end); of several entries for one shard
+(parts of runs with other world sizes) it takes the one that matches the file.
 """
 from __future__ import annotations
 
@@ -549,7 +549,13 @@ def run(args) -> dict:
         print(f"warning: only {plan['num_shards']} shards for {world} ranks; ranks >= {plan['num_shards']} have "
               "no work (lower --images-per-shard)", file=sys.stderr)
     job = TokenizeJob(args, args.out, tok, device, settings, plan, items, rank, world)
-    return job.run()
+    acc = job.run()
+    if world == 1:  # this process did every shard: write the manifest now rather than ask for a second command
+        finalize(args.out, world_size=1)
+    else:
+        print(f"rank {rank} of {world} done; once every rank is: python data_prep/tokenize.py --finalize "
+              f"--out {args.out}", file=sys.stderr)
+    return acc
 
 
 HELP = """\
@@ -572,11 +578,12 @@ Preprocessing (as the reference): ADM center crop to the tokenizer's image_size,
 Output (--out): shard-NNNNNN.tar (one sample per view: <key>.tokens.npy uint16 grid, .cls, .view, .src),
 per-rank records in _parts/, and after --finalize a manifest.json (tokenizer, preprocessing, shards
 with sample counts and sha256, class histogram, every skipped input with its reason, accounting).
+A run of one process (W = 1) finalizes by itself at its end.
 
 Scale-out: rank r of W = array task * processes per task + process (rear_ds/launch.py): array tasks
 from --rank/--world-size, else SLURM_ARRAY_TASK_ID/COUNT; processes of an srun step (SLURM_PROCID of
-SLURM_STEP_NUM_TASKS) or a launcher (RANK/WORLD_SIZE), else one. Every rank runs the same command; then run
-once with --finalize --out DIR.
+SLURM_STEP_NUM_TASKS) or a launcher (RANK/WORLD_SIZE), else one. Every rank runs the same command; then,
+when W > 1, run once with --finalize --out DIR.
 Reruns skip shards that are complete (sha256 checked) and redo missing or partial ones; the result
 is byte-identical to an uninterrupted run. Bad inputs are skipped and listed, never fatal.
 
