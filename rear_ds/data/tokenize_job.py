@@ -459,8 +459,12 @@ def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = N
     plan = first["plan"]
     # for messages: the world size of this finalize, else of the newest part file
     world = world_size or max(parts, key=lambda p: os.path.getmtime(p[0]))[1]["world_size"]
+    from rear_ds import cli
+
     problems, shards = [], []
-    for j in range(plan["num_shards"]):
+    bar = cli.progress(plan["num_shards"], "finalize: checking shards", disable=plan["num_shards"] < 100, unit="shard")
+    for j in range(plan["num_shards"]):  # reads every byte for its sha256: ~30 GB for ten-crop ImageNet
+        bar.update(1)
         name, path = S.shard_name(j), os.path.join(out, S.shard_name(j))
         found = entries.get(name, [])
         e = matching_entry(path, found, verify_hashes)
@@ -472,6 +476,7 @@ def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = N
             problems.append(f"{name}: sha256 differs from its entry (rerun rank {j % world} of {world})")
         else:
             shards.append(e)
+    bar.close()
     if problems:
         raise JobError(f"cannot finalize {out!r}: {len(problems)} of {plan['num_shards']} shards are not "
                        "complete:\n  " + "\n  ".join(problems[:20]))
