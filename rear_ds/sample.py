@@ -241,12 +241,32 @@ def read_manifest(samples_dir: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def decode(tokenizer, tokens) -> np.ndarray:
+    """Tokens -> uint8 (n, H, W, 3) images that do not depend on the process's CPU thread count.
+
+    On the CPU the decoder's rounding depends on torch's intra-op thread count: how a parallel loop is split
+    decides which elements take the vectorised or the scalar path of element-wise ops (SiLU), and the
+    channels-last GroupNorm kernel reduces per thread. A last-bit difference flips a pixel at the uint8
+    truncation (measured: 1 pixel of chunk 1 at 8 threads vs 1). So the CPU decode runs on one thread (a few
+    percent of the sampling time); a GPU decode does not depend on the host's threads."""
+    import torch
+    from rear_ds.evaluation.references import to_uint8_hwc
+
+    threads = torch.get_num_threads()
+    if tokens.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return to_uint8_hwc(tokenizer.decode(tokens))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, settings, device,
                  progress=None) -> tuple:
     """Images (uint8 (n, H, W, 3)), labels, indices and the generated tokens (n, N) for global indices
     start..stop-1, in batches."""
     import torch
-    from rear_ds.evaluation.references import to_uint8_hwc
     from rear_ds.sampling import generate
 
     images, token_list = [], []
@@ -255,8 +275,7 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
         labels = idx % num_classes
         tokens = generate(model, labels.to(device), idx, settings.seed, settings)
         token_list.append(tokens.cpu().numpy())
-        with torch.no_grad():
-            images.append(to_uint8_hwc(tokenizer.decode(tokens.to(device))))
+        images.append(decode(tokenizer, tokens.to(device)))
         if progress is not None:
             progress(images[-1].shape[0])
     indices = np.arange(start, stop, dtype=np.int64)

@@ -163,6 +163,27 @@ def main_in_process(cmd, capsys):
     return rc, capsys.readouterr().err
 
 
+def test_images_do_not_depend_on_the_callers_thread_count(tiny, reference_run, tmp_path, capsys):
+    """Worker 1 of 3 (chunks 1 and 4) in this process, after other runs, at 5 and 8 CPU threads: the bytes of
+    the fresh one-thread process. Before the CPU decode was pinned to one thread, 8 threads changed one pixel
+    of chunk 1 and 5 threads one of chunk 4 (the decoder's rounding follows the thread split)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (5, 8):
+            torch.set_num_threads(n)
+            out = str(tmp_path / f"threads{n}")
+            rc, err = main_in_process(sample_cmd(tiny["ckpt"], out, "--task-id", "1", "--num-tasks", "3"), capsys)
+            assert rc == 0, err
+            assert torch.get_num_threads() == n  # the caller's setting is left alone
+            assert chunk_files(out) == ["chunk_000001.npz", "chunk_000004.npz"]
+            for name in chunk_files(out):
+                got, want = np.load(os.path.join(out, name)), np.load(os.path.join(reference_run, name))
+                assert got["images"].tobytes() == want["images"].tobytes(), (n, name)
+                assert np.array_equal(got["tokens"], want["tokens"]), (n, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_other_settings_refused_in_same_folder(tiny, reference_run, capsys):
     rc, err = main_in_process(sample_cmd(tiny["ckpt"], reference_run, "--guidance-scale", "5.0"), capsys)
     assert rc == 1 and "different run" in err and "sampling" in err
