@@ -53,7 +53,7 @@ import numpy as np
 from rear_ds import cli, launch
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.evaluation import chunk_features
-from rear_ds.evaluation.chunks import chunk_name, remove_stale_tmp
+from rear_ds.evaluation.chunks import chunk_name
 from rear_ds.evaluation.safe_npz import load_npz
 from rear_ds.models.weights import weights_sha256
 
@@ -303,9 +303,6 @@ class ChunkFeatures:
         """The chunks among ``complete`` whose stored features are missing or do not fit (named on stderr)."""
         if self.extractor is None:
             return []
-        folder = os.path.join(self.out_dir, chunk_features.FEATURES_DIR)
-        if os.path.isdir(folder):
-            remove_stale_tmp(folder, {chunk_name(k) for k in complete})
         out = []
         for k in complete:
             d = self._chunk(k)
@@ -423,7 +420,6 @@ def run(args) -> int:
 
     total = num_chunks(N, cs)
     mine = chunks_for_worker(total, me.worker, me.workers)
-    remove_stale_tmp(out_dir, {chunk_name(k) for k in mine})
     todo, skipped, replaced = [], 0, []
     for k in mine:
         start, stop = chunk_range(k, cs, N)

@@ -139,19 +139,55 @@ def test_killed_run_resumes_without_redoing(tiny, reference_run, tmp_path):
     assert res.returncode == -signal.SIGKILL
     assert chunk_files(out) == ["chunk_000000.npz", "chunk_000001.npz"]
     before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in chunk_files(out)}
-    # Damage of the kind a crash or a bad copy leaves: a leftover temp file and a chunk with wrong content.
-    open(os.path.join(out, ".chunk_000003.npz.tmp.host.123"), "wb").write(b"partial")
+    # Damage of the kind a crash or a bad copy leaves: a killed writer's scratch folder (rear_ds.tmpfile: its
+    # lock died with it) holding half a chunk, and a chunk with wrong content.
+    os.makedirs(os.path.join(out, "chunk_000003.npz.tmp"))
+    for name in ("lock", "chunk_000003.npz"):
+        open(os.path.join(out, "chunk_000003.npz.tmp", name), "wb").write(b"partial")
     shutil.copy(os.path.join(out, "chunk_000000.npz"), os.path.join(out, "chunk_000002.npz"))
-    res = run(sample_cmd(tiny["ckpt"], out))
-    assert res.returncode == 0, res.stderr
-    assert "regenerating chunk_000002.npz" in res.stderr
+
+    # The rerun starts while another writer of chunk 5 (two array tasks on one chunk after a requeue) is inside
+    # write_npz_atomic with its temporary file made. The rerun used to delete that file at start-up, and the
+    # other writer then died in os.replace (FileNotFoundError); now the rerun waits for its lock.
+    from rear_ds.evaluation.safe_npz import write_npz_atomic
+
+    rerun = {}
+
+    def start_rerun():
+        rerun["p"] = subprocess.Popen(sample_cmd(tiny["ckpt"], out), cwd=ROOT, env=env(), text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rerun["start"] = ""
+        for line in rerun["p"].stderr:  # wait until it is past its start-up
+            rerun["start"] += line
+            if "chunks are mine" in line:
+                return
+        raise AssertionError("the rerun ended before it listed its chunks")
+
+    with np.load(os.path.join(reference_run, "chunk_000005.npz")) as d:
+        chunk5 = dict(d)
+    write_npz_atomic(os.path.join(out, "chunk_000005.npz"), **dict(chunk5, images=_Converted(chunk5["images"],
+                                                                                            start_rerun)))
+    _, err = rerun["p"].communicate(timeout=300)
+    assert rerun["p"].returncode == 0, err
+    assert "regenerating chunk_000002.npz" in rerun["start"] + err
     for n, t in before.items():
         assert os.stat(os.path.join(out, n)).st_mtime_ns == t, f"{n} was redone"
     with open(os.path.join(out, "logs", "worker_0000_of_0001.json")) as f:
         log = json.load(f)
     assert log["chunks_skipped_complete"] == 2 and log["chunks_written"] == 5
-    assert not [n for n in os.listdir(out) if ".tmp." in n]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
     assert_same_chunks(reference_run, out)
+
+
+class _Converted:
+    """An array that runs ``hook`` when np.savez converts it, i.e. after the writer has made its temporary file."""
+
+    def __init__(self, array, hook):
+        self.array, self.hook = array, hook
+
+    def __array__(self, dtype=None, copy=None):
+        self.hook()
+        return self.array
 
 
 def main_in_process(cmd, capsys):

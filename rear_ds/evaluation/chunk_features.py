@@ -29,8 +29,7 @@ import os
 
 import numpy as np
 
-from rear_ds.evaluation.chunks import write_npz_atomic
-from rear_ds.evaluation.safe_npz import NpzError, load_npz
+from rear_ds.evaluation.safe_npz import NpzError, load_npz, write_npz_atomic
 
 FEATURES_DIR = "inception"
 KEYS = ("pool", "logits", "indices", "fingerprint", "images_sha256", "extractor")
