@@ -418,8 +418,11 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     for k, v in whole.items():  # equal to the last bit when measured; 1e-6 is the stated tolerance
         assert merged["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
-    # chunk 0's features gone, chunk 1's made with other weights (its file says so): both recomputed and named
+    # chunk 0's features gone, chunk 1's made with other weights (its file says so), chunk 2's with a crafted
+    # 'extractor' entry (JSON, not an object: an AttributeError once): all recomputed and named
     os.remove(cf.features_path(out, names[0]))
+    path2 = cf.features_path(out, names[2])
+    np.savez(path2, **dict(np.load(path2), extractor=np.array("[]")))
     path1 = cf.features_path(out, names[1])
     d = dict(np.load(path1))
     made_by = json.loads(str(d["extractor"]))
@@ -428,9 +431,10 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     np.savez(path1, **d)
     mixed = evaluate("mixed")
     acc = mixed["accounting"]
-    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (1, 2)
+    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (0, 3)
     assert acc["features_recomputed"] == [f"{names[1]}: made by another Inception: inception_weights_sha256 "
-                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
+                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}",
+                                          f"{names[2]}: unreadable (key 'extractor' holds '[]', not a JSON object)"]
     for k, v in whole.items():
         assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
@@ -441,6 +445,7 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     assert sample_main(cmd[2:] + ["--inception-weights", inception]) == 0
     err = capsys.readouterr().err
     assert f"recomputing the Inception features of {names[1]}: made by another Inception" in err
+    assert f"recomputing the Inception features of {names[2]}: unreadable" in err
     assert "3 already complete, 0 to do" in err
     for n in names:
         d = np.load(os.path.join(out, n))

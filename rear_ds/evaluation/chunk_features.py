@@ -70,6 +70,8 @@ def read(path: str, indices: np.ndarray, fingerprint: str, images_digest: str, i
     try:
         d = load_npz(path, "chunk features", keys=KEYS)
         made_by = json.loads(str(d["extractor"]))
+        if not isinstance(made_by, dict):
+            raise ValueError(f"key 'extractor' holds {str(d['extractor'])[:40]!r}, not a JSON object")
     except (NpzError, ValueError) as e:
         return None, f"unreadable ({e})"
     n = len(indices)
