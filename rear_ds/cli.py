@@ -1,5 +1,5 @@
 """What every rear_ds command line shares: help that keeps the usage examples as written and shows defaults;
-progress bars.
+progress bars; count arguments that must be positive.
 
 Each command is both ``python -m rear_ds.<module>`` (or a script path) and, after ``pip install -e .``, an
 installed command (``rear-sample``, ... in pyproject.toml); its usage line names the one it was started as.
@@ -29,6 +29,18 @@ def parser(doc: str, prog: str, command: str = "", epilog: str = "") -> argparse
     started_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return argparse.ArgumentParser(prog=command if command and started_as == command else prog, description=doc,
                                    epilog=epilog or None, formatter_class=HelpFormatter)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: argparse's error then names the flag, the value and what it must be
+    (a batch size of 0 once ended in "range() arg 3 must not be zero", or a traceback after the sampling)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def progress(total: Optional[int], desc: str, disable: bool = False, unit: str = "img"):

@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
-    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size k")
-    p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--is-splits", type=cli.positive_int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-k", type=cli.positive_int, default=3, help="precision/recall neighbourhood size k")
+    p.add_argument("--grid-size", type=cli.positive_int, default=64, help="samples in the PNG grid")
+    p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--wandb-run", default=None, metavar="RUN_DIR",
                    help="also log the metrics (eval/*, against train/step) to the W&B run of this training run folder "
@@ -162,6 +162,9 @@ def evaluate(args) -> dict:
     wandb_init = wandb_run_of(args.wandb_run) if args.wandb_run else None
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
+    if args.is_splits > N or (args.prc_k >= N and not args.no_prc):  # before the Inception work, not after it
+        raise ValueError(f"--is-splits {args.is_splits} / --prc-k {args.prc_k} need more samples than the "
+                         f"{N} of {args.samples}")
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
     for bad in gathered.accounting["invalid_chunk_files"]:
         print(f"rear_ds.evaluate: warning: ignoring invalid chunk file {bad} (its indices are held by valid chunks)",

@@ -59,6 +59,10 @@ from rear_ds.models.weights import weights_sha256
 
 FORMAT = "rear_ds.samples/v1"
 MANIFEST = "manifest.json"
+# What rear_ds.evaluate and a rerun rely on: (key, types, what it must be).
+MANIFEST_ENTRIES = (("fingerprint", str, "a string"), ("num_samples", int, "a positive integer"),
+                    ("chunk_size", int, "a positive integer"), ("num_classes", int, "a positive integer"),
+                    ("seed", int, "an integer"), ("checkpoint", dict, "an object"), ("sampling", dict, "an object"))
 # Test hook: SIGKILL this process after it has written this many chunks (simulates preemption).
 KILL_AFTER_ENV = "REAR_SAMPLE_KILL_AFTER_CHUNKS"
 
@@ -209,15 +213,31 @@ def build_manifest(ckpt: Checkpoint, ckpt_sha: str, tok_sha: str, settings, num_
     }
 
 
+def load_manifest(path: str) -> dict:
+    """A manifest.json, checked for the entries that locate and identify the samples (named when wrong)."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleError(f"{path} is unreadable ({e})") from None
+    if not isinstance(m, dict):
+        raise SampleError(f"{path} holds a JSON {type(m).__name__}, not a {FORMAT} manifest (a JSON object)")
+    wrong = [f"{k!r} is {repr(m[k]) if k in m else 'missing'}, expected {what}"
+             for k, types, what in MANIFEST_ENTRIES if not isinstance(m.get(k), types) or isinstance(m.get(k), bool)
+             or (what.startswith("a positive") and m[k] < 1)]
+    if wrong:
+        raise SampleError(f"{path} is not a usable {FORMAT} manifest: {'; '.join(wrong)}")
+    return m
+
+
 def write_or_check_manifest(out_dir: str, manifest: dict) -> None:
     """Write manifest.json if absent (atomically); refuse a folder whose manifest names another run."""
     path = os.path.join(out_dir, MANIFEST)
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SampleError(f"{path} is unreadable ({e}); remove it if the folder holds no valid chunks") from None
+            old = load_manifest(path)
+        except SampleError as e:
+            raise SampleError(f"{e}; remove it if the folder holds no valid chunks") from None
         if old.get("fingerprint") != manifest["fingerprint"]:
             diffs = [k for k in ("checkpoint", "tokenizer", "sampling", "num_samples", "chunk_size", "seed")
                      if json.dumps(old.get(k), sort_keys=True) != json.dumps(manifest[k], sort_keys=True)]
@@ -232,8 +252,7 @@ def read_manifest(samples_dir: str) -> dict:
     path = os.path.join(samples_dir, MANIFEST)
     if not os.path.isfile(path):
         raise SampleError(f"{path} does not exist: {samples_dir!r} was not written by `python -m rear_ds.sample`")
-    with open(path) as f:
-        return json.load(f)
+    return load_manifest(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -335,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config YAML (required for released weights)")
     p.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: checkpoints/latest)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--chunk-size", type=int, default=500, help="indices per chunk file (fixed for a run)")
+    p.add_argument("--num-samples", type=cli.positive_int, default=50_000)
+    p.add_argument("--chunk-size", type=cli.positive_int, default=500, help="indices per chunk file (fixed for a run)")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights")
     p.add_argument("--task-id", "--rank", dest="task_id", type=int, default=None,
                    help="array task index (else SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
@@ -358,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None,
                    help="also store the Inception features of every chunk (rear_ds.evaluate then merges them): "
                    "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: $REAR_INCEPTION_WEIGHTS)")
-    p.add_argument("--inception-batch-size", type=int, default=50, help="Inception batch size (as rear_ds.evaluate's)")
+    p.add_argument("--inception-batch-size", type=cli.positive_int, default=50,
+                   help="Inception batch size (as rear_ds.evaluate's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -399,8 +419,6 @@ def run(args) -> int:
     cfg = ckpt.cfg
     settings = sampling_settings(cfg, args)
     C, N, cs = cfg.model.num_classes, args.num_samples, args.chunk_size
-    if N <= 0 or cs <= 0:
-        raise SampleError(f"--num-samples ({N}) and --chunk-size ({cs}) must be positive")
     if N % C:
         raise SampleError(f"--num-samples {N} is not a multiple of the {C} classes: every class must get "
                           f"exactly N / C samples")

@@ -194,6 +194,19 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "chunk_000001.npz (absent)" in err and "missing indices: 4-7" in err
 
+    # bad input named before any work (a KeyError / TypeError traceback, or "range() arg 3 must not be zero", once)
+    manifest = os.path.join(broken, "manifest.json")
+    for text, expected in (("[]", "holds a JSON list, not a rear_ds.samples/v1 manifest"),
+                           (json.dumps(dict(json.load(open(manifest)), num_samples="10")),
+                            "'num_samples' is '10', expected a positive integer")):
+        open(manifest, "w").write(text)
+        assert main(["--samples", broken, "--reference", broken, "--inception-weights", inception,
+                     "--out", str(tmp_path / "o")]) == 1
+        assert f"{manifest} " in (err := capsys.readouterr().err) and expected in err, err
+    with pytest.raises(SystemExit):
+        main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--batch-size", "0"])
+    assert "argument --batch-size: '0' is not a positive integer" in capsys.readouterr().err
+
 
 def test_missing_inception_weights_says_which_file(samples, tmp_path, monkeypatch, capsys):
     from rear_ds.evaluate import main

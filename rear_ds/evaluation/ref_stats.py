@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                    help="centre-crop/resize folder images to this square size (ADM preprocessing); 0 = as is")
     p.add_argument("--limit", type=int, default=0, help="use at most this many reference images (0 = all)")
     p.add_argument("--no-features", action="store_true", help="store mu/sigma only (no precision/recall later)")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
 
