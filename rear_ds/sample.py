@@ -99,14 +99,18 @@ def _with_overrides(data: dict, overrides: list) -> object:
     return config_from_dict(data)
 
 
-def _safetensors_config(path: str) -> Optional[dict]:
+def _safetensors_metadata(path: str) -> dict:
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types
         raise SampleError(f"checkpoint {path!r} is not a readable safetensors file: {e}") from None
+
+
+def _safetensors_config(path: str) -> Optional[dict]:
+    meta = _safetensors_metadata(path)
     if "rear_config" not in meta:
         return None
     try:
@@ -125,13 +129,19 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
     that the next one does not take over.
     """
     from rear_ds.export import ExportError, export, locate
+    from rear_ds.training.checkpoint import read_meta
 
     try:
         ckpt_dir, tag = locate(path, tag or "")
     except ExportError as e:
         raise SampleError(f"DeepSpeed checkpoint {path!r}: {e}") from None
     out = os.path.join(out_dir, f"model_{tag}.safetensors")
-    if not os.path.isfile(out):
+    made_from = json.dumps(read_meta(os.path.join(ckpt_dir, tag)), sort_keys=True)
+    stale = os.path.isfile(out) and _safetensors_metadata(out).get("source_complete") != made_from
+    if stale:  # the tag was made again since (a roll-back): the old export, and its samples, would pass for it
+        print(f"rear_ds.sample: {out} is not an export of the current {ckpt_dir}/{tag} (made again since): "
+              f"exporting it again", file=sys.stderr)
+    if stale or not os.path.isfile(out):  # the export replaces the file atomically
         try:
             export(ckpt_dir, out, dtype="fp32", tag=tag)
         except ExportError as e:

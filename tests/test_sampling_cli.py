@@ -314,6 +314,12 @@ def test_deepspeed_checkpoint_folder(tiny, reference_run, tmp_path, capsys):
     got = np.concatenate([np.load(os.path.join(out, n))["images"] for n in chunk_files(out)])
     want = np.concatenate([np.load(os.path.join(reference_run, n))["images"] for n in chunk_files(reference_run)])
     assert got.tobytes() == want[:10].tobytes()
+    # The tag made again with other weights (training rolled back past it): exported again, so the folder's
+    # samples are refused as another run's (the old export and the old samples passed for the new tag once)
+    torch.save({"module": {k: v + 1 for k, v in state.items()}}, tag_dir / "mp_rank_00_model_states.pt")
+    (tag_dir / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 1, "zero_stage": 0, "time": 2.0}))
+    rc, err = main_in_process(sample_cmd(str(tmp_path / "run" / "checkpoints" / "latest"), out, n=10), capsys)
+    assert rc == 1 and "exporting it again" in err and "already holds samples of a different run" in err, err
     (tag_dir / "COMPLETE").unlink()  # a partial checkpoint is never used
     rc, err = main_in_process(sample_cmd(str(tmp_path / "run"), str(tmp_path / "other"), n=10), capsys)
     assert rc == 1 and "COMPLETE" in err
