@@ -126,7 +126,8 @@ def checkpoint_step(weights_file: str) -> Optional[int]:
         return None
 
 
-def main(argv=None) -> int:
+def input_errors() -> tuple:
+    """The errors that mean bad input or a missing file: one line and exit 1 (a traceback means a bug)."""
     from rear_ds.config import ConfigError
     from rear_ds.data.sources import TransientReadError
     from rear_ds.evaluation.chunks import IncompleteSamplesError
@@ -135,12 +136,16 @@ def main(argv=None) -> int:
     from rear_ds.models.weights import WeightsError
     from rear_ds.sample import SampleError
 
+    return (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
+            FileNotFoundError, ValueError, TmpBusyError, TransientReadError)
+
+
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
         return 0
-    except (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
-            FileNotFoundError, ValueError, TmpBusyError, TransientReadError) as e:
+    except input_errors() as e:
         print(f"rear_ds.evaluate: error: {e}", file=sys.stderr)
         return 1
 

@@ -173,6 +173,8 @@ def test_stored_stats_equal_computed_stats(samples, feats, extractor, tmp_path):
     stats_path = str(tmp_path / "ref_stats.npz")
     assert ref_stats_main(["--reference", str(folder), "--out", stats_path,
                            "--inception-weights", extractor.weights_path, "--batch-size", "10"]) == 0
+    assert ref_stats_main(["--reference", str(tmp_path / "nope"), "--out", stats_path,  # one line, no traceback
+                           "--inception-weights", extractor.weights_path]) == 1
     from_file = reference_statistics(open_reference(stats_path), extractor, need_features=True)
     assert from_file["fid_source"] == "stored mu/sigma" and from_file["features"].shape == (N, 2048)
     computed = fid_stats(feats["f_shift"][0])

@@ -55,6 +55,8 @@ def reference_statistics(ref: Reference, extractor: InceptionFeatures, need_feat
 
 
 def main(argv=None) -> int:
+    from rear_ds.evaluate import input_errors  # the same bad-input errors as rear_ds.evaluate: one line, exit 1
+
     p = cli.parser(__doc__, "python -m rear_ds.evaluation.ref_stats")
     p.add_argument("--reference", required=True, help="folder of images, token-shard folder/.tar, or .npz")
     p.add_argument("--out", required=True, help="output .npz")
@@ -69,7 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except input_errors() as e:
+        print(f"rear_ds.evaluation.ref_stats: error: {e}", file=sys.stderr)
+        return 1
 
+
+def run(args) -> int:
     tok_cfg = None
     if args.config:
         from rear_ds.config import load_config
