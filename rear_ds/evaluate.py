@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make rear_ds importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import contextlib
 import json
 import time
 import zipfile
@@ -41,6 +42,7 @@ import numpy as np
 
 from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.evaluation.safe_npz import naming_os_errors
 from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
 
 ADM_NPZ = "samples_adm.npz"
@@ -69,23 +71,25 @@ class AdmNpzWriter:
         if images.shape[1:] != self.shape[1:] or self.written + images.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path}: got images {images.shape} after {self.written}, expected "
                              f"{self.shape} in all")
-        self._f.write(images.tobytes())
+        with naming_os_errors(self.path):  # a full disk: 9.8 GB at 50k x 256^2
+            self._f.write(images.tobytes())
         self.written += images.shape[0]
 
     def close(self) -> None:
-        self._f.close()
-        self._zip.close()
+        with naming_os_errors(self.path):
+            self._f.close()
+            self._zip.close()
         if self.written != self.shape[0]:
             self.claim.release()
             raise ValueError(f"{self.path}: only {self.written} of {self.shape[0]} images were written")
         self.claim.commit()
 
     def abort(self) -> None:
-        try:
-            self._f.close()
-            self._zip.close()
-        finally:
-            self.claim.release()
+        """Discard the file. Closing it fails again after a full disk: that error would hide the first one."""
+        for close in (self._f.close, self._zip.close):
+            with contextlib.suppress(OSError, ValueError):
+                close()
+        self.claim.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +141,7 @@ def input_errors() -> tuple:
     from rear_ds.sample import SampleError
 
     return (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
-            FileNotFoundError, ValueError, TmpBusyError, TransientReadError)
+            OSError, ValueError, TmpBusyError, TransientReadError)  # OSError: a missing file, a full disk
 
 
 def main(argv=None) -> int:

@@ -402,7 +402,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SampleError, ConfigError, WeightsError) as e:
+    except (SampleError, ConfigError, WeightsError, OSError) as e:  # OSError: a full disk, a missing file
         print(f"rear_ds.sample: error: {e}", file=sys.stderr)
         return 1
 

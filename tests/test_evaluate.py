@@ -209,6 +209,21 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
         main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--batch-size", "0"])
     assert "argument --batch-size: '0' is not a positive integer" in capsys.readouterr().err
 
+    # a full disk while writing samples_adm.npz (the OS refuses files over 10 kB; a chunk's images are 12 kB):
+    # one line naming the file (was a traceback naming none), no temporary file left
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limit[1]))
+    try:
+        rc = main(["--samples", samples["dir"], "--reference", broken, "--inception-weights", inception,
+                   "--out", str(tmp_path / "full")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"cannot write {tmp_path / 'full' / 'samples_adm.npz'}: File too large" in err, err
+    assert os.listdir(tmp_path / "full") == []
+
 
 def test_missing_inception_weights_says_which_file(samples, tmp_path, monkeypatch, capsys):
     from rear_ds.evaluate import main

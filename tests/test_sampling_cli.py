@@ -241,6 +241,19 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "e")), capsys)
     assert rc == 1 and f"{tmp_path / 'e' / 'manifest.json'} holds a JSON list" in err
 
+    # A full disk, for real: the OS refuses files over 10 kB (the manifest fits, a chunk of 20 kB does not).
+    # It was a traceback ending in "[Errno 27] File too large", naming no file.
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limit[1]))
+    try:
+        rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "f"), n=10), capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert rc == 1 and f"cannot write {tmp_path / 'f' / 'chunk_000000.npz'}: File too large" in err, err
+    assert sorted(os.listdir(tmp_path / "f")) == ["logs", "manifest.json"]  # no temporary file left
+
 
 def test_gather_reports_missing_and_duplicates(reference_run, tmp_path):
     import json

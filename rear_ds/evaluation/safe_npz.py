@@ -5,6 +5,7 @@ this wrapper turns numpy's errors into messages that name the file and the key.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 
@@ -81,10 +82,19 @@ def write_npz_atomic(path: str, **arrays) -> None:
     """``np.savez`` into the locked scratch folder ``<path>.tmp/`` (:mod:`rear_ds.tmpfile`), fsync, rename:
     readers see the whole file or none. A second live writer of the same file (two array tasks on one chunk
     after a requeue) waits for the first instead of deleting its temporary file; a killed writer's leftover
-    is taken over by the next one."""
-    with ClaimedTmp(path) as claim:
+    is taken over by the next one. An OS error (a full disk) names the file; nothing is left behind."""
+    with naming_os_errors(path), ClaimedTmp(path) as claim:
         with open(claim.tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         claim.commit()
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: str):
+    """Re-raise an OSError inside as one that names ``path`` (a failed write() of a full disk names no file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
