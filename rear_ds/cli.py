@@ -31,16 +31,24 @@ def parser(doc: str, prog: str, command: str = "", epilog: str = "") -> argparse
                                    epilog=epilog or None, formatter_class=HelpFormatter)
 
 
-def positive_int(text: str) -> int:
+def int_at_least(minimum: int):
     """argparse type for counts and sizes: argparse's error then names the flag, the value and what it must be
-    (a batch size of 0 once ended in "range() arg 3 must not be zero", or a traceback after the sampling)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+    (a batch size of 0 once ended in "range() arg 3 must not be zero", a limit of -1 dropped an image)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def progress(total: Optional[int], desc: str, disable: bool = False, unit: str = "img"):

@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or $REAR_INCEPTION_WEIGHTS)")
     p.add_argument("--config", default=None, help="config whose tokenizer decodes a token-shard reference")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights of --config")
-    p.add_argument("--reference-size", type=int, default=None,
+    p.add_argument("--reference-size", type=cli.positive_int, default=None,
                    help="centre-crop/resize folder images to this size (default: the samples' size)")
-    p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
+    p.add_argument("--reference-limit", type=cli.non_negative_int, default=0,
+                   help="use at most this many reference images (0 = all)")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
     p.add_argument("--is-splits", type=cli.positive_int, default=10, help="Inception Score splits")

@@ -207,7 +207,10 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
         assert f"{manifest} " in (err := capsys.readouterr().err) and expected in err, err
     with pytest.raises(SystemExit):
         main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--batch-size", "0"])
-    assert "argument --batch-size: '0' is not a positive integer" in capsys.readouterr().err
+    assert "argument --batch-size: '0' is not an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # -1 dropped the last reference image (images[:-1])
+        main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--reference-limit", "-1"])
+    assert "argument --reference-limit: '-1' is not an integer >= 0" in capsys.readouterr().err
 
     # a full disk while writing samples_adm.npz (the OS refuses files over 10 kB; a chunk's images are 12 kB):
     # one line naming the file (was a traceback naming none), no temporary file left

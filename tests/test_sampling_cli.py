@@ -235,7 +235,7 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     assert rc == 1 and "/nope.bin" in err
     with pytest.raises(SystemExit):  # with Inception weights: a traceback at the first Inception batch, once
         main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "d"), "--inception-batch-size", "0"), capsys)
-    assert "argument --inception-batch-size: '0' is not a positive integer" in capsys.readouterr().err
+    assert "argument --inception-batch-size: '0' is not an integer >= 1" in capsys.readouterr().err
     os.makedirs(tmp_path / "e")
     (tmp_path / "e" / "manifest.json").write_text("[]")  # was an AttributeError
     rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "e")), capsys)

@@ -64,9 +64,10 @@ def main(argv=None) -> int:
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or $REAR_INCEPTION_WEIGHTS)")
     p.add_argument("--config", default=None, help="config YAML whose tokenizer decodes a token-shard reference")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights of --config")
-    p.add_argument("--reference-size", type=int, default=0,
+    p.add_argument("--reference-size", type=cli.non_negative_int, default=0,
                    help="centre-crop/resize folder images to this square size (ADM preprocessing); 0 = as is")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many reference images (0 = all)")
+    p.add_argument("--limit", type=cli.non_negative_int, default=0,
+                   help="use at most this many reference images (0 = all)")
     p.add_argument("--no-features", action="store_true", help="store mu/sigma only (no precision/recall later)")
     p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
