@@ -182,6 +182,22 @@ def evaluate(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
 
     extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
+    # the reference is opened first: a wrong --reference fails before the long pass over the samples
+    tok_cfg = None
+    if args.config:
+        from rear_ds.config import load_config
+
+        ov = [f"tokenizer.weights={args.tokenizer_weights}"] if args.tokenizer_weights else []
+        tok_cfg = load_config(args.config, ov).tokenizer
+    elif "config" in manifest:  # the sampler's own tokenizer decodes a shard reference by default
+        from rear_ds.config import config_from_dict
+
+        tok_cfg = config_from_dict(manifest["config"]).tokenizer
+        if args.tokenizer_weights:
+            tok_cfg.weights = args.tokenizer_weights
+    size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
+    ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
+                         device=str(extractor.device), with_images=not args.no_prc)
     adm = None if args.no_adm_npz else AdmNpzWriter(os.path.join(args.out, ADM_NPZ), (N,) + gathered.image_shape)
     pools, logits, grid, counted = [], [], [], 0
     feats = {"chunks_features_from_sampler": 0, "chunks_features_computed": 0, "features_recomputed": []}
@@ -221,21 +237,6 @@ def evaluate(args) -> dict:
         raise
     pools, logits = np.concatenate(pools), np.concatenate(logits)
 
-    tok_cfg = None
-    if args.config:
-        from rear_ds.config import load_config
-
-        ov = [f"tokenizer.weights={args.tokenizer_weights}"] if args.tokenizer_weights else []
-        tok_cfg = load_config(args.config, ov).tokenizer
-    elif "config" in manifest:  # the sampler's own tokenizer decodes a shard reference by default
-        from rear_ds.config import config_from_dict
-
-        tok_cfg = config_from_dict(manifest["config"]).tokenizer
-        if args.tokenizer_weights:
-            tok_cfg.weights = args.tokenizer_weights
-    size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
-    ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
-                         device=str(extractor.device), with_images=not args.no_prc)
     ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size,
                                      progress=True)
 

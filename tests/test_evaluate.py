@@ -204,10 +204,15 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
         open(manifest, "w").write(text)
         assert main(["--samples", broken, "--reference", broken, "--inception-weights", inception,
                      "--out", str(tmp_path / "o")]) == 1
-        assert f"{manifest} " in (err := capsys.readouterr().err) and expected in err, err
+        err = capsys.readouterr().err
+        assert f"{manifest} " in err and expected in err, err
     with pytest.raises(SystemExit):
         main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--batch-size", "0"])
     assert "argument --batch-size: '0' is not an integer >= 1" in capsys.readouterr().err
+    assert main(["--samples", samples["dir"], "--reference", str(tmp_path / "nope.npz"), "--inception-weights",
+                 inception, "--out", str(tmp_path / "o")]) == 1  # a wrong reference: found before the samples pass
+    err = capsys.readouterr().err
+    assert "nope.npz' does not exist" in err and "inception (samples)" not in err, err
     with pytest.raises(SystemExit):  # -1 dropped the last reference image (images[:-1])
         main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--reference-limit", "-1"])
     assert "argument --reference-limit: '-1' is not an integer >= 0" in capsys.readouterr().err
@@ -216,10 +221,12 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
     # one line naming the file (was a traceback naming none), no temporary file left
     import resource
 
+    ref = str(tmp_path / "ref_features.npz")  # a statistics file holding features only (80 kB, written first)
+    np.savez(ref, features=np.random.default_rng(0).random((10, 2048), dtype=np.float32))
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limit[1]))
     try:
-        rc = main(["--samples", samples["dir"], "--reference", broken, "--inception-weights", inception,
+        rc = main(["--samples", samples["dir"], "--reference", ref, "--inception-weights", inception,
                    "--out", str(tmp_path / "full")])
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
