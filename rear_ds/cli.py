@@ -1,5 +1,5 @@
 """What every rear_ds command line shares: help that keeps the usage examples as written and shows defaults;
-progress bars; count arguments that must be positive.
+progress bars; integer arguments with a lower bound (counts, sizes).
 
 Each command is both ``python -m rear_ds.<module>`` (or a script path) and, after ``pip install -e .``, an
 installed command (``rear-sample``, ... in pyproject.toml); its usage line names the one it was started as.
