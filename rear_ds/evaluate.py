@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make rear_ds importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import contextlib
 import json
 import time
 import zipfile
@@ -41,6 +42,7 @@ import numpy as np
 
 from rear_ds import cli
 from rear_ds.data.shards import write_json_atomic
+from rear_ds.evaluation.safe_npz import naming_os_errors
 from rear_ds.tmpfile import ClaimedTmp, TmpBusyError
 
 ADM_NPZ = "samples_adm.npz"
@@ -69,23 +71,25 @@ class AdmNpzWriter:
         if images.shape[1:] != self.shape[1:] or self.written + images.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path}: got images {images.shape} after {self.written}, expected "
                              f"{self.shape} in all")
-        self._f.write(images.tobytes())
+        with naming_os_errors(self.path):  # a full disk: 9.8 GB at 50k x 256^2
+            self._f.write(images.tobytes())
         self.written += images.shape[0]
 
     def close(self) -> None:
-        self._f.close()
-        self._zip.close()
+        with naming_os_errors(self.path):
+            self._f.close()
+            self._zip.close()
         if self.written != self.shape[0]:
             self.claim.release()
             raise ValueError(f"{self.path}: only {self.written} of {self.shape[0]} images were written")
         self.claim.commit()
 
     def abort(self) -> None:
-        try:
-            self._f.close()
-            self._zip.close()
-        finally:
-            self.claim.release()
+        """Discard the file. Closing it fails again after a full disk: that error would hide the first one."""
+        for close in (self._f.close, self._zip.close):
+            with contextlib.suppress(OSError, ValueError):
+                close()
+        self.claim.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,15 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or $REAR_INCEPTION_WEIGHTS)")
     p.add_argument("--config", default=None, help="config whose tokenizer decodes a token-shard reference")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights of --config")
-    p.add_argument("--reference-size", type=int, default=None,
+    p.add_argument("--reference-size", type=cli.positive_int, default=None,
                    help="centre-crop/resize folder images to this size (default: the samples' size)")
-    p.add_argument("--reference-limit", type=int, default=0, help="use at most this many reference images")
+    p.add_argument("--reference-limit", type=cli.non_negative_int, default=0,
+                   help="use at most this many reference images (0 = all)")
     p.add_argument("--no-adm-npz", action="store_true", help="do not write samples_adm.npz")
     p.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
-    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size k")
-    p.add_argument("--grid-size", type=int, default=64, help="samples in the PNG grid")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--is-splits", type=cli.positive_int, default=10, help="Inception Score splits")
+    p.add_argument("--prc-k", type=cli.positive_int, default=3, help="precision/recall neighbourhood size k")
+    p.add_argument("--grid-size", type=cli.positive_int, default=64, help="samples in the PNG grid")
+    p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--wandb-run", default=None, metavar="RUN_DIR",
                    help="also log the metrics (eval/*, against train/step) to the W&B run of this training run folder "
@@ -126,7 +131,8 @@ def checkpoint_step(weights_file: str) -> Optional[int]:
         return None
 
 
-def main(argv=None) -> int:
+def input_errors() -> tuple:
+    """The errors that mean bad input or a missing file: one line and exit 1 (a traceback means a bug)."""
     from rear_ds.config import ConfigError
     from rear_ds.data.sources import TransientReadError
     from rear_ds.evaluation.chunks import IncompleteSamplesError
@@ -135,12 +141,16 @@ def main(argv=None) -> int:
     from rear_ds.models.weights import WeightsError
     from rear_ds.sample import SampleError
 
+    return (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
+            OSError, ValueError, TmpBusyError, TransientReadError)  # OSError: a missing file, a full disk
+
+
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
         return 0
-    except (IncompleteSamplesError, InceptionWeightsError, NpzError, SampleError, ConfigError, WeightsError,
-            FileNotFoundError, ValueError, TmpBusyError, TransientReadError) as e:
+    except input_errors() as e:
         print(f"rear_ds.evaluate: error: {e}", file=sys.stderr)
         return 1
 
@@ -162,6 +172,9 @@ def evaluate(args) -> dict:
     wandb_init = wandb_run_of(args.wandb_run) if args.wandb_run else None
     manifest = read_manifest(args.samples)
     N, cs, C = manifest["num_samples"], manifest["chunk_size"], manifest["num_classes"]
+    if args.is_splits > N or (args.prc_k >= N and not args.no_prc):  # before the Inception work, not after it
+        raise ValueError(f"--is-splits {args.is_splits} / --prc-k {args.prc_k} need more samples than the "
+                         f"{N} of {args.samples}")
     gathered = gather_chunks(args.samples, N, cs, C, fingerprint=manifest["fingerprint"])
     for bad in gathered.accounting["invalid_chunk_files"]:
         print(f"rear_ds.evaluate: warning: ignoring invalid chunk file {bad} (its indices are held by valid chunks)",
@@ -169,6 +182,22 @@ def evaluate(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
 
     extractor = InceptionFeatures(args.inception_weights, device=args.device, batch_size=args.batch_size)
+    # the reference is opened first: a wrong --reference fails before the long pass over the samples
+    tok_cfg = None
+    if args.config:
+        from rear_ds.config import load_config
+
+        ov = [f"tokenizer.weights={args.tokenizer_weights}"] if args.tokenizer_weights else []
+        tok_cfg = load_config(args.config, ov).tokenizer
+    elif "config" in manifest:  # the sampler's own tokenizer decodes a shard reference by default
+        from rear_ds.config import config_from_dict
+
+        tok_cfg = config_from_dict(manifest["config"]).tokenizer
+        if args.tokenizer_weights:
+            tok_cfg.weights = args.tokenizer_weights
+    size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
+    ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
+                         device=str(extractor.device), with_images=not args.no_prc)
     adm = None if args.no_adm_npz else AdmNpzWriter(os.path.join(args.out, ADM_NPZ), (N,) + gathered.image_shape)
     pools, logits, grid, counted = [], [], [], 0
     feats = {"chunks_features_from_sampler": 0, "chunks_features_computed": 0, "features_recomputed": []}
@@ -208,21 +237,6 @@ def evaluate(args) -> dict:
         raise
     pools, logits = np.concatenate(pools), np.concatenate(logits)
 
-    tok_cfg = None
-    if args.config:
-        from rear_ds.config import load_config
-
-        ov = [f"tokenizer.weights={args.tokenizer_weights}"] if args.tokenizer_weights else []
-        tok_cfg = load_config(args.config, ov).tokenizer
-    elif "config" in manifest:  # the sampler's own tokenizer decodes a shard reference by default
-        from rear_ds.config import config_from_dict
-
-        tok_cfg = config_from_dict(manifest["config"]).tokenizer
-        if args.tokenizer_weights:
-            tok_cfg.weights = args.tokenizer_weights
-    size = args.reference_size if args.reference_size is not None else gathered.image_shape[0]
-    ref = open_reference(args.reference, image_size=size, tokenizer_cfg=tok_cfg, limit=args.reference_limit,
-                         device=str(extractor.device), with_images=not args.no_prc)
     ref_stats = reference_statistics(ref, extractor, need_features=not args.no_prc, batch_size=args.batch_size,
                                      progress=True)
 

@@ -83,7 +83,9 @@ def export(ckpt: str, out: str, dtype: str = "fp32", tag: str = "", with_align_h
     meta = read_meta(os.path.join(ckpt_dir, tag)) or {}
     save_safetensors(state, out, metadata={"rear_config": json.dumps(config, sort_keys=True),
                                            "step": str(meta.get("step", "")), "dtype": dtype,
-                                           "source": os.path.join(ckpt_dir, tag)})
+                                           "source": os.path.join(ckpt_dir, tag),
+                                           # the checkpoint's commit record (step, time): a re-made tag differs
+                                           "source_complete": json.dumps(meta, sort_keys=True)})
     return {"out": out, "tag": tag, "tensors": len(state), "step": meta.get("step")}
 
 

@@ -53,12 +53,16 @@ import numpy as np
 from rear_ds import cli, launch
 from rear_ds.data.shards import write_json_atomic
 from rear_ds.evaluation import chunk_features
-from rear_ds.evaluation.chunks import chunk_name, remove_stale_tmp
+from rear_ds.evaluation.chunks import chunk_name
 from rear_ds.evaluation.safe_npz import load_npz
 from rear_ds.models.weights import weights_sha256
 
 FORMAT = "rear_ds.samples/v1"
 MANIFEST = "manifest.json"
+# What rear_ds.evaluate and a rerun rely on: (key, types, what it must be).
+MANIFEST_ENTRIES = (("fingerprint", str, "a string"), ("num_samples", int, "a positive integer"),
+                    ("chunk_size", int, "a positive integer"), ("num_classes", int, "a positive integer"),
+                    ("seed", int, "an integer"), ("checkpoint", dict, "an object"), ("sampling", dict, "an object"))
 # Test hook: SIGKILL this process after it has written this many chunks (simulates preemption).
 KILL_AFTER_ENV = "REAR_SAMPLE_KILL_AFTER_CHUNKS"
 
@@ -95,14 +99,18 @@ def _with_overrides(data: dict, overrides: list) -> object:
     return config_from_dict(data)
 
 
-def _safetensors_config(path: str) -> Optional[dict]:
+def _safetensors_metadata(path: str) -> dict:
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types
         raise SampleError(f"checkpoint {path!r} is not a readable safetensors file: {e}") from None
+
+
+def _safetensors_config(path: str) -> Optional[dict]:
+    meta = _safetensors_metadata(path)
     if "rear_config" not in meta:
         return None
     try:
@@ -121,13 +129,19 @@ def _export_deepspeed(path: str, tag: Optional[str], out_dir: str) -> tuple:
     that the next one does not take over.
     """
     from rear_ds.export import ExportError, export, locate
+    from rear_ds.training.checkpoint import read_meta
 
     try:
         ckpt_dir, tag = locate(path, tag or "")
     except ExportError as e:
         raise SampleError(f"DeepSpeed checkpoint {path!r}: {e}") from None
     out = os.path.join(out_dir, f"model_{tag}.safetensors")
-    if not os.path.isfile(out):
+    made_from = json.dumps(read_meta(os.path.join(ckpt_dir, tag)), sort_keys=True)
+    stale = os.path.isfile(out) and _safetensors_metadata(out).get("source_complete") != made_from
+    if stale:  # the tag was made again since (a roll-back): the old export, and its samples, would pass for it
+        print(f"rear_ds.sample: {out} is not an export of the current {ckpt_dir}/{tag} (made again since): "
+              f"exporting it again", file=sys.stderr)
+    if stale or not os.path.isfile(out):  # the export replaces the file atomically
         try:
             export(ckpt_dir, out, dtype="fp32", tag=tag)
         except ExportError as e:
@@ -209,15 +223,31 @@ def build_manifest(ckpt: Checkpoint, ckpt_sha: str, tok_sha: str, settings, num_
     }
 
 
+def load_manifest(path: str) -> dict:
+    """A manifest.json, checked for the entries that locate and identify the samples (named when wrong)."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleError(f"{path} is unreadable ({e})") from None
+    if not isinstance(m, dict):
+        raise SampleError(f"{path} holds a JSON {type(m).__name__}, not a {FORMAT} manifest (a JSON object)")
+    wrong = [f"{k!r} is {repr(m[k]) if k in m else 'missing'}, expected {what}"
+             for k, types, what in MANIFEST_ENTRIES if not isinstance(m.get(k), types) or isinstance(m.get(k), bool)
+             or (what.startswith("a positive") and m[k] < 1)]
+    if wrong:
+        raise SampleError(f"{path} is not a usable {FORMAT} manifest: {'; '.join(wrong)}")
+    return m
+
+
 def write_or_check_manifest(out_dir: str, manifest: dict) -> None:
     """Write manifest.json if absent (atomically); refuse a folder whose manifest names another run."""
     path = os.path.join(out_dir, MANIFEST)
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SampleError(f"{path} is unreadable ({e}); remove it if the folder holds no valid chunks") from None
+            old = load_manifest(path)
+        except SampleError as e:
+            raise SampleError(f"{e}; remove it if the folder holds no valid chunks") from None
         if old.get("fingerprint") != manifest["fingerprint"]:
             diffs = [k for k in ("checkpoint", "tokenizer", "sampling", "num_samples", "chunk_size", "seed")
                      if json.dumps(old.get(k), sort_keys=True) != json.dumps(manifest[k], sort_keys=True)]
@@ -232,8 +262,7 @@ def read_manifest(samples_dir: str) -> dict:
     path = os.path.join(samples_dir, MANIFEST)
     if not os.path.isfile(path):
         raise SampleError(f"{path} does not exist: {samples_dir!r} was not written by `python -m rear_ds.sample`")
-    with open(path) as f:
-        return json.load(f)
+    return load_manifest(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -241,12 +270,32 @@ def read_manifest(samples_dir: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def decode(tokenizer, tokens) -> np.ndarray:
+    """Tokens -> uint8 (n, H, W, 3) images that do not depend on the process's CPU thread count.
+
+    On the CPU the decoder's rounding depends on torch's intra-op thread count: how a parallel loop is split
+    decides which elements take the vectorised or the scalar path of element-wise ops (SiLU), and the
+    channels-last GroupNorm kernel reduces per thread. A last-bit difference flips a pixel at the uint8
+    truncation (measured: 1 pixel of chunk 1 at 8 threads vs 1). So the CPU decode runs on one thread (a few
+    percent of the sampling time); a GPU decode does not depend on the host's threads."""
+    import torch
+    from rear_ds.evaluation.references import to_uint8_hwc
+
+    threads = torch.get_num_threads()
+    if tokens.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return to_uint8_hwc(tokenizer.decode(tokens))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, settings, device,
                  progress=None) -> tuple:
     """Images (uint8 (n, H, W, 3)), labels, indices and the generated tokens (n, N) for global indices
     start..stop-1, in batches."""
     import torch
-    from rear_ds.evaluation.references import to_uint8_hwc
     from rear_ds.sampling import generate
 
     images, token_list = [], []
@@ -255,8 +304,7 @@ def sample_range(model, tokenizer, start: int, stop: int, num_classes: int, sett
         labels = idx % num_classes
         tokens = generate(model, labels.to(device), idx, settings.seed, settings)
         token_list.append(tokens.cpu().numpy())
-        with torch.no_grad():
-            images.append(to_uint8_hwc(tokenizer.decode(tokens.to(device))))
+        images.append(decode(tokenizer, tokens.to(device)))
         if progress is not None:
             progress(images[-1].shape[0])
     indices = np.arange(start, stop, dtype=np.int64)
@@ -284,9 +332,6 @@ class ChunkFeatures:
         """The chunks among ``complete`` whose stored features are missing or do not fit (named on stderr)."""
         if self.extractor is None:
             return []
-        folder = os.path.join(self.out_dir, chunk_features.FEATURES_DIR)
-        if os.path.isdir(folder):
-            remove_stale_tmp(folder, {chunk_name(k) for k in complete})
         out = []
         for k in complete:
             d = self._chunk(k)
@@ -319,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config YAML (required for released weights)")
     p.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: checkpoints/latest)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--chunk-size", type=int, default=500, help="indices per chunk file (fixed for a run)")
+    p.add_argument("--num-samples", type=cli.positive_int, default=50_000)
+    p.add_argument("--chunk-size", type=cli.positive_int, default=500, help="indices per chunk file (fixed for a run)")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights")
     p.add_argument("--task-id", "--rank", dest="task_id", type=int, default=None,
                    help="array task index (else SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
@@ -342,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None,
                    help="also store the Inception features of every chunk (rear_ds.evaluate then merges them): "
                    "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: $REAR_INCEPTION_WEIGHTS)")
-    p.add_argument("--inception-batch-size", type=int, default=50, help="Inception batch size (as rear_ds.evaluate's)")
+    p.add_argument("--inception-batch-size", type=cli.positive_int, default=50,
+                   help="Inception batch size (as rear_ds.evaluate's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -356,7 +402,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SampleError, ConfigError, WeightsError) as e:
+    except (SampleError, ConfigError, WeightsError, OSError) as e:  # OSError: a full disk, a missing file
         print(f"rear_ds.sample: error: {e}", file=sys.stderr)
         return 1
 
@@ -383,8 +429,6 @@ def run(args) -> int:
     cfg = ckpt.cfg
     settings = sampling_settings(cfg, args)
     C, N, cs = cfg.model.num_classes, args.num_samples, args.chunk_size
-    if N <= 0 or cs <= 0:
-        raise SampleError(f"--num-samples ({N}) and --chunk-size ({cs}) must be positive")
     if N % C:
         raise SampleError(f"--num-samples {N} is not a multiple of the {C} classes: every class must get "
                           f"exactly N / C samples")
@@ -404,7 +448,6 @@ def run(args) -> int:
 
     total = num_chunks(N, cs)
     mine = chunks_for_worker(total, me.worker, me.workers)
-    remove_stale_tmp(out_dir, {chunk_name(k) for k in mine})
     todo, skipped, replaced = [], 0, []
     for k in mine:
         start, stop = chunk_range(k, cs, N)

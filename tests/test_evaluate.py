@@ -173,6 +173,8 @@ def test_stored_stats_equal_computed_stats(samples, feats, extractor, tmp_path):
     stats_path = str(tmp_path / "ref_stats.npz")
     assert ref_stats_main(["--reference", str(folder), "--out", stats_path,
                            "--inception-weights", extractor.weights_path, "--batch-size", "10"]) == 0
+    assert ref_stats_main(["--reference", str(tmp_path / "nope"), "--out", stats_path,  # one line, no traceback
+                           "--inception-weights", extractor.weights_path]) == 1
     from_file = reference_statistics(open_reference(stats_path), extractor, need_features=True)
     assert from_file["fid_source"] == "stored mu/sigma" and from_file["features"].shape == (N, 2048)
     computed = fid_stats(feats["f_shift"][0])
@@ -193,6 +195,44 @@ def test_missing_chunk_is_named(samples, inception, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "chunk_000001.npz (absent)" in err and "missing indices: 4-7" in err
+
+    # bad input named before any work (a KeyError / TypeError traceback, or "range() arg 3 must not be zero", once)
+    manifest = os.path.join(broken, "manifest.json")
+    for text, expected in (("[]", "holds a JSON list, not a rear_ds.samples/v1 manifest"),
+                           (json.dumps(dict(json.load(open(manifest)), num_samples="10")),
+                            "'num_samples' is '10', expected a positive integer")):
+        open(manifest, "w").write(text)
+        assert main(["--samples", broken, "--reference", broken, "--inception-weights", inception,
+                     "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert f"{manifest} " in err and expected in err, err
+    with pytest.raises(SystemExit):
+        main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--batch-size", "0"])
+    assert "argument --batch-size: '0' is not an integer >= 1" in capsys.readouterr().err
+    assert main(["--samples", samples["dir"], "--reference", str(tmp_path / "nope.npz"), "--inception-weights",
+                 inception, "--out", str(tmp_path / "o")]) == 1  # a wrong reference: found before the samples pass
+    err = capsys.readouterr().err
+    assert "nope.npz' does not exist" in err and "inception (samples)" not in err, err
+    with pytest.raises(SystemExit):  # -1 dropped the last reference image (images[:-1])
+        main(["--samples", broken, "--reference", broken, "--out", str(tmp_path / "o"), "--reference-limit", "-1"])
+    assert "argument --reference-limit: '-1' is not an integer >= 0" in capsys.readouterr().err
+
+    # a full disk while writing samples_adm.npz (the OS refuses files over 10 kB; a chunk's images are 12 kB):
+    # one line naming the file (was a traceback naming none), no temporary file left
+    import resource
+
+    ref = str(tmp_path / "ref_features.npz")  # a statistics file holding features only (80 kB, written first)
+    np.savez(ref, features=np.random.default_rng(0).random((10, 2048), dtype=np.float32))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limit[1]))
+    try:
+        rc = main(["--samples", samples["dir"], "--reference", ref, "--inception-weights", inception,
+                   "--out", str(tmp_path / "full")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"cannot write {tmp_path / 'full' / 'samples_adm.npz'}: File too large" in err, err
+    assert os.listdir(tmp_path / "full") == []
 
 
 def test_missing_inception_weights_says_which_file(samples, tmp_path, monkeypatch, capsys):
@@ -418,8 +458,11 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     for k, v in whole.items():  # equal to the last bit when measured; 1e-6 is the stated tolerance
         assert merged["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
-    # chunk 0's features gone, chunk 1's made with other weights (its file says so): both recomputed and named
+    # chunk 0's features gone, chunk 1's made with other weights (its file says so), chunk 2's with a crafted
+    # 'extractor' entry (JSON, not an object: an AttributeError once): all recomputed and named
     os.remove(cf.features_path(out, names[0]))
+    path2 = cf.features_path(out, names[2])
+    np.savez(path2, **dict(np.load(path2), extractor=np.array("[]")))
     path1 = cf.features_path(out, names[1])
     d = dict(np.load(path1))
     made_by = json.loads(str(d["extractor"]))
@@ -428,9 +471,10 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     np.savez(path1, **d)
     mixed = evaluate("mixed")
     acc = mixed["accounting"]
-    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (1, 2)
+    assert (acc["chunks_features_from_sampler"], acc["chunks_features_computed"]) == (0, 3)
     assert acc["features_recomputed"] == [f"{names[1]}: made by another Inception: inception_weights_sha256 "
-                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}"]
+                                          f"{'0' * 64} != {made_by['inception_weights_sha256']}",
+                                          f"{names[2]}: unreadable (key 'extractor' holds '[]', not a JSON object)"]
     for k, v in whole.items():
         assert mixed["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
@@ -441,6 +485,7 @@ def test_batch_script_array_makes_every_chunk_and_its_features(samples, feats, i
     assert sample_main(cmd[2:] + ["--inception-weights", inception]) == 0
     err = capsys.readouterr().err
     assert f"recomputing the Inception features of {names[1]}: made by another Inception" in err
+    assert f"recomputing the Inception features of {names[2]}: unreadable" in err
     assert "3 already complete, 0 to do" in err
     for n in names:
         d = np.load(os.path.join(out, n))

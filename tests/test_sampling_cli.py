@@ -139,19 +139,55 @@ def test_killed_run_resumes_without_redoing(tiny, reference_run, tmp_path):
     assert res.returncode == -signal.SIGKILL
     assert chunk_files(out) == ["chunk_000000.npz", "chunk_000001.npz"]
     before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in chunk_files(out)}
-    # Damage of the kind a crash or a bad copy leaves: a leftover temp file and a chunk with wrong content.
-    open(os.path.join(out, ".chunk_000003.npz.tmp.host.123"), "wb").write(b"partial")
+    # Damage of the kind a crash or a bad copy leaves: a killed writer's scratch folder (rear_ds.tmpfile: its
+    # lock died with it) holding half a chunk, and a chunk with wrong content.
+    os.makedirs(os.path.join(out, "chunk_000003.npz.tmp"))
+    for name in ("lock", "chunk_000003.npz"):
+        open(os.path.join(out, "chunk_000003.npz.tmp", name), "wb").write(b"partial")
     shutil.copy(os.path.join(out, "chunk_000000.npz"), os.path.join(out, "chunk_000002.npz"))
-    res = run(sample_cmd(tiny["ckpt"], out))
-    assert res.returncode == 0, res.stderr
-    assert "regenerating chunk_000002.npz" in res.stderr
+
+    # The rerun starts while another writer of chunk 5 (two array tasks on one chunk after a requeue) is inside
+    # write_npz_atomic with its temporary file made. The rerun used to delete that file at start-up, and the
+    # other writer then died in os.replace (FileNotFoundError); now the rerun waits for its lock.
+    from rear_ds.evaluation.safe_npz import write_npz_atomic
+
+    rerun = {}
+
+    def start_rerun():
+        rerun["p"] = subprocess.Popen(sample_cmd(tiny["ckpt"], out), cwd=ROOT, env=env(), text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rerun["start"] = ""
+        for line in rerun["p"].stderr:  # wait until it is past its start-up
+            rerun["start"] += line
+            if "chunks are mine" in line:
+                return
+        raise AssertionError("the rerun ended before it listed its chunks")
+
+    with np.load(os.path.join(reference_run, "chunk_000005.npz")) as d:
+        chunk5 = dict(d)
+    write_npz_atomic(os.path.join(out, "chunk_000005.npz"), **dict(chunk5, images=_Converted(chunk5["images"],
+                                                                                            start_rerun)))
+    _, err = rerun["p"].communicate(timeout=300)
+    assert rerun["p"].returncode == 0, err
+    assert "regenerating chunk_000002.npz" in rerun["start"] + err
     for n, t in before.items():
         assert os.stat(os.path.join(out, n)).st_mtime_ns == t, f"{n} was redone"
     with open(os.path.join(out, "logs", "worker_0000_of_0001.json")) as f:
         log = json.load(f)
     assert log["chunks_skipped_complete"] == 2 and log["chunks_written"] == 5
-    assert not [n for n in os.listdir(out) if ".tmp." in n]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
     assert_same_chunks(reference_run, out)
+
+
+class _Converted:
+    """An array that runs ``hook`` when np.savez converts it, i.e. after the writer has made its temporary file."""
+
+    def __init__(self, array, hook):
+        self.array, self.hook = array, hook
+
+    def __array__(self, dtype=None, copy=None):
+        self.hook()
+        return self.array
 
 
 def main_in_process(cmd, capsys):
@@ -161,6 +197,27 @@ def main_in_process(cmd, capsys):
     capsys.readouterr()
     rc = main(cmd[3:])
     return rc, capsys.readouterr().err
+
+
+def test_images_do_not_depend_on_the_callers_thread_count(tiny, reference_run, tmp_path, capsys):
+    """Worker 1 of 3 (chunks 1 and 4) in this process, after other runs, at 5 and 8 CPU threads: the bytes of
+    the fresh one-thread process. Before the CPU decode was pinned to one thread, 8 threads changed one pixel
+    of chunk 1 and 5 threads one of chunk 4 (the decoder's rounding follows the thread split)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (5, 8):
+            torch.set_num_threads(n)
+            out = str(tmp_path / f"threads{n}")
+            rc, err = main_in_process(sample_cmd(tiny["ckpt"], out, "--task-id", "1", "--num-tasks", "3"), capsys)
+            assert rc == 0, err
+            assert torch.get_num_threads() == n  # the caller's setting is left alone
+            assert chunk_files(out) == ["chunk_000001.npz", "chunk_000004.npz"]
+            for name in chunk_files(out):
+                got, want = np.load(os.path.join(out, name)), np.load(os.path.join(reference_run, name))
+                assert got["images"].tobytes() == want["images"].tobytes(), (n, name)
+                assert np.array_equal(got["tokens"], want["tokens"]), (n, name)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_other_settings_refused_in_same_folder(tiny, reference_run, capsys):
@@ -176,6 +233,26 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     assert rc == 1 and "pass --config" in err
     rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "c"), "tokenizer.weights=/nope.bin"), capsys)
     assert rc == 1 and "/nope.bin" in err
+    with pytest.raises(SystemExit):  # with Inception weights: a traceback at the first Inception batch, once
+        main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "d"), "--inception-batch-size", "0"), capsys)
+    assert "argument --inception-batch-size: '0' is not an integer >= 1" in capsys.readouterr().err
+    os.makedirs(tmp_path / "e")
+    (tmp_path / "e" / "manifest.json").write_text("[]")  # was an AttributeError
+    rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "e")), capsys)
+    assert rc == 1 and f"{tmp_path / 'e' / 'manifest.json'} holds a JSON list" in err
+
+    # A full disk, for real: the OS refuses files over 10 kB (the manifest fits, a chunk of 20 kB does not).
+    # It was a traceback ending in "[Errno 27] File too large", naming no file.
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limit[1]))
+    try:
+        rc, err = main_in_process(sample_cmd(tiny["ckpt"], str(tmp_path / "f"), n=10), capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert rc == 1 and f"cannot write {tmp_path / 'f' / 'chunk_000000.npz'}: File too large" in err, err
+    assert sorted(os.listdir(tmp_path / "f")) == ["logs", "manifest.json"]  # no temporary file left
 
 
 def test_gather_reports_missing_and_duplicates(reference_run, tmp_path):
@@ -250,6 +327,12 @@ def test_deepspeed_checkpoint_folder(tiny, reference_run, tmp_path, capsys):
     got = np.concatenate([np.load(os.path.join(out, n))["images"] for n in chunk_files(out)])
     want = np.concatenate([np.load(os.path.join(reference_run, n))["images"] for n in chunk_files(reference_run)])
     assert got.tobytes() == want[:10].tobytes()
+    # The tag made again with other weights (training rolled back past it): exported again, so the folder's
+    # samples are refused as another run's (the old export and the old samples passed for the new tag once)
+    torch.save({"module": {k: v + 1 for k, v in state.items()}}, tag_dir / "mp_rank_00_model_states.pt")
+    (tag_dir / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 1, "zero_stage": 0, "time": 2.0}))
+    rc, err = main_in_process(sample_cmd(str(tmp_path / "run" / "checkpoints" / "latest"), out, n=10), capsys)
+    assert rc == 1 and "exporting it again" in err and "already holds samples of a different run" in err, err
     (tag_dir / "COMPLETE").unlink()  # a partial checkpoint is never used
     rc, err = main_in_process(sample_cmd(str(tmp_path / "run"), str(tmp_path / "other"), n=10), capsys)
     assert rc == 1 and "COMPLETE" in err

@@ -29,8 +29,7 @@ import os
 
 import numpy as np
 
-from rear_ds.evaluation.chunks import write_npz_atomic
-from rear_ds.evaluation.safe_npz import NpzError, load_npz
+from rear_ds.evaluation.safe_npz import NpzError, load_npz, write_npz_atomic
 
 FEATURES_DIR = "inception"
 KEYS = ("pool", "logits", "indices", "fingerprint", "images_sha256", "extractor")
@@ -71,6 +70,8 @@ def read(path: str, indices: np.ndarray, fingerprint: str, images_digest: str, i
     try:
         d = load_npz(path, "chunk features", keys=KEYS)
         made_by = json.loads(str(d["extractor"]))
+        if not isinstance(made_by, dict):
+            raise ValueError(f"key 'extractor' holds {str(d['extractor'])[:40]!r}, not a JSON object")
     except (NpzError, ValueError) as e:
         return None, f"unreadable ({e})"
     n = len(indices)

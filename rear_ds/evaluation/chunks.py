@@ -13,21 +13,21 @@ and is stored as ``chunk_{k:06d}.npz`` (written with ``np.savez``, read with ``a
     tokens       int32  (n, N)         the generated token ids the images were decoded from (for the
                                        token round-trip diagnostic); absent in chunks from before it existed
 
-A chunk file appears atomically (written to a temporary name in the same folder, fsynced, renamed), so a
-killed sampler leaves either a complete chunk or none (plus, at worst, a ``.tmp`` file that is ignored).
+A chunk file appears atomically (:func:`rear_ds.evaluation.safe_npz.write_npz_atomic`), so a killed sampler
+leaves either a complete chunk or none (plus, at worst, a ``chunk_*.npz.tmp/`` folder that is ignored and taken
+over by the next writer of that chunk).
 """
 from __future__ import annotations
 
 import os
 import re
-import socket
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from rear_ds.evaluation.safe_npz import NpzError, array_header, load_npz
+from rear_ds.evaluation.safe_npz import NpzError, array_header, load_npz, write_npz_atomic
 
 CHUNK_RE = re.compile(r"^chunk_(\d{6,})\.npz$")
 CHUNK_KEYS = ("images", "labels", "indices", "fingerprint")
@@ -76,35 +76,6 @@ def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.n
     if tokens is not None:
         arrays["tokens"] = np.asarray(tokens, dtype=np.int32).reshape(n, -1)
     write_npz_atomic(path, **arrays)
-
-
-def write_npz_atomic(path: str, **arrays) -> None:
-    """``np.savez`` to a temporary name in the same folder (``.<name>.tmp.<host>.<pid>``, see
-    :func:`remove_stale_tmp`), fsync, rename: readers see the whole file or none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{socket.gethostname()}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_tmp(folder: str, names: set) -> int:
-    """Delete leftover temp files of the chunks in ``names`` (only their owner writes them). Returns count."""
-    removed = 0
-    for entry in os.listdir(folder):
-        if entry.startswith(".") and ".npz.tmp." in entry and entry[1:].split(".tmp.")[0] in names:
-            try:
-                os.remove(os.path.join(folder, entry))
-                removed += 1
-            except OSError:
-                pass
-    return removed
 
 
 @dataclass

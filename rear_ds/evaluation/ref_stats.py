@@ -55,6 +55,8 @@ def reference_statistics(ref: Reference, extractor: InceptionFeatures, need_feat
 
 
 def main(argv=None) -> int:
+    from rear_ds.evaluate import input_errors  # the same bad-input errors as rear_ds.evaluate: one line, exit 1
+
     p = cli.parser(__doc__, "python -m rear_ds.evaluation.ref_stats")
     p.add_argument("--reference", required=True, help="folder of images, token-shard folder/.tar, or .npz")
     p.add_argument("--out", required=True, help="output .npz")
@@ -62,14 +64,22 @@ def main(argv=None) -> int:
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or $REAR_INCEPTION_WEIGHTS)")
     p.add_argument("--config", default=None, help="config YAML whose tokenizer decodes a token-shard reference")
     p.add_argument("--tokenizer-weights", default=None, help="overrides tokenizer.weights of --config")
-    p.add_argument("--reference-size", type=int, default=0,
+    p.add_argument("--reference-size", type=cli.non_negative_int, default=0,
                    help="centre-crop/resize folder images to this square size (ADM preprocessing); 0 = as is")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many reference images (0 = all)")
+    p.add_argument("--limit", type=cli.non_negative_int, default=0,
+                   help="use at most this many reference images (0 = all)")
     p.add_argument("--no-features", action="store_true", help="store mu/sigma only (no precision/recall later)")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--batch-size", type=cli.positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except input_errors() as e:
+        print(f"rear_ds.evaluation.ref_stats: error: {e}", file=sys.stderr)
+        return 1
 
+
+def run(args) -> int:
     tok_cfg = None
     if args.config:
         from rear_ds.config import load_config

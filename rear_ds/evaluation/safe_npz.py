@@ -1,14 +1,17 @@
-"""Reading ``.npz`` files that may come from elsewhere without running pickled code.
+"""Reading ``.npz`` files that may come from elsewhere without running pickled code; writing them atomically.
 
 ``np.load(..., allow_pickle=False)`` refuses object arrays (the only way an .npz can carry a pickle);
 this wrapper turns numpy's errors into messages that name the file and the key.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 
 import numpy as np
+
+from rear_ds.tmpfile import ClaimedTmp
 
 
 class NpzError(ValueError):
@@ -73,3 +76,25 @@ def npz_keys(path: str, what: str = "npz file") -> list:
             return [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
     except (zipfile.BadZipFile, OSError) as e:
         raise NpzError(f"{what} {path!r} is not a readable .npz file: {e}") from None
+
+
+def write_npz_atomic(path: str, **arrays) -> None:
+    """``np.savez`` into the locked scratch folder ``<path>.tmp/`` (:mod:`rear_ds.tmpfile`), fsync, rename:
+    readers see the whole file or none. A second live writer of the same file (two array tasks on one chunk
+    after a requeue) waits for the first instead of deleting its temporary file; a killed writer's leftover
+    is taken over by the next one. An OS error (a full disk) names the file; nothing is left behind."""
+    with naming_os_errors(path), ClaimedTmp(path) as claim:
+        with open(claim.tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        claim.commit()
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: str):
+    """Re-raise an OSError inside as one that names ``path`` (a failed write() of a full disk names no file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None

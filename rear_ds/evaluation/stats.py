@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rear_ds.evaluation.safe_npz import load_npz, npz_keys
+from rear_ds.evaluation.safe_npz import load_npz, npz_keys, write_npz_atomic
 
 
 def fid_stats(features: np.ndarray) -> tuple:
@@ -120,14 +120,7 @@ def save_ref_stats(path: str, mu: np.ndarray, sigma: np.ndarray, features: Optio
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_npz_atomic(path, **arrays)
 
 
 def load_ref_stats(path: str, with_images: bool = True) -> dict:
