@@ -156,6 +156,23 @@ def slurm_cluster():
         yield
 
 
+def test_stepped_array_ranks_and_requeue_without_controller(slurm_cluster, tmp_path):
+    """--array=0-6:2 gives ranks 0..3 of 4 (not ids 0..6); a requeue the controller refuses (the real one; here: a
+    job id it does not know. An unreachable controller fails the same call, after scontrol's own retries of 10-60 s)
+    is tried REQUEUE_TRIES times, then exits 75 saying what to do, not 1."""
+    array = dict(SLURM_ARRAY_TASK_ID=4, SLURM_ARRAY_TASK_MIN=0, SLURM_ARRAY_TASK_STEP=2, SLURM_ARRAY_TASK_COUNT=4)
+    for script in ("sample.sh", "tokenize.sh"):
+        r = subprocess.run(["bash", str(REPO / "slurm" / script), "--x", "a b"], cwd=REPO, capture_output=True,
+                           text=True, env=clean_env(DRY_RUN=1, SLURM_JOB_ID=7, **array))
+        assert r.returncode == 0 and r.stdout.rstrip().endswith("--x a\\ b --rank 2 --world-size 4"), r.stdout
+    r = subprocess.run(["bash", "-c", "source slurm/common.sh; rear_requeue 'checkpoint written'"], cwd=REPO,
+                       capture_output=True, text=True, env=clean_env(SLURM_JOB_ID=999999, REQUEUE_RETRY_S=0,
+                                                                     REQUEUE_TRIES=2))
+    assert r.returncode == 75, (r.returncode, r.stderr)
+    assert "checkpoint written: requeueing job 999999" in r.stderr and "scontrol requeue 999999 failed 2 times" in \
+        r.stderr and "resubmit" in r.stderr and r.stderr.count("Invalid job id") == 2, r.stderr
+
+
 # A stand-in for rear_ds/train.py that follows the CONTRACTS.md CLI and exit codes: checkpoint + exit 75 on
 # SIGUSR1/SIGTERM, resume from <out_dir>/checkpoints/latest, one JSON line per step in log.jsonl.
 FAKE_TRAIN = r'''
@@ -254,23 +271,30 @@ def test_train_preemption_stub(slurm_cluster, tmp_path, fake_train, how):
 
 STUB_TOOL = r'''
 import json, os, sys, time
+tool, task, restart = sys.argv[0].split("/")[-1], os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
 with open(os.environ["STUB_RECORD"], "a") as f:
-    f.write(json.dumps({"tool": sys.argv[0].split("/")[-1], "argv": sys.argv[1:], "t": time.time(),
-                        "job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+    f.write(json.dumps({"tool": tool, "argv": sys.argv[1:], "t": time.time(), "job": os.environ.get("SLURM_JOB_ID"),
+                        "task": task, "restart": restart}) + "\n")
+if os.environ.get("STUB_HOLD") == f"{tool}:{task}" and restart == "0":  # wait to be stopped (no signal handler)
+    open(os.environ["STUB_RECORD"] + ".held", "w").close()
+    time.sleep(300)
 time.sleep(0.5)
 '''
 
 
 def test_chain_stub_tools(slurm_cluster, tmp_path):
     """slurm/submit_chain.sh tokenize (array of 2 + finalize) -> sample (array of 2) -> evaluate, run for
-    real with stand-in tools that record their arguments: ranks, order (afterok) and wiring."""
+    real with stand-in tools that record their arguments: ranks, order (afterok) and wiring. Sample task 1 gets the
+    time-limit warning (SIGUSR1 to its batch shell) while it works: the shell stops the tool (SIGTERM), requeues that
+    task alone, its rerun completes, and evaluate still starts after both."""
     fake = tmp_path / "repo"
     for rel in ("data_prep/tokenize.py", "rear_ds/sample.py", "rear_ds/evaluate.py"):
         (fake / rel).parent.mkdir(parents=True, exist_ok=True)
         (fake / rel).write_text(STUB_TOOL)
     (fake / "slurm").symlink_to(REPO / "slurm")
     record = tmp_path / "record.jsonl"
-    env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
+                    STUB_HOLD="sample.py:1")
     env.pop("REPO_DIR", None)  # submit_chain.sh derives it from its own path: the fake repo
     r = subprocess.run(["bash", str(fake / "slurm/submit_chain.sh"), "tokenize:", "--out", "shards",
                         "sample:", "--out-dir", "samples", "--num-samples", "8",
@@ -278,7 +302,15 @@ def test_chain_stub_tools(slurm_cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
     assert list(ids) == ["tokenize", "finalize", "sample", "evaluate"]
-    assert_ok(wait_jobs(*ids.values(), timeout=180), tmp_path)
+    wait_for(lambda: Path(f"{record}.held").exists(), 180, "sample task 1 to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{ids['sample']}_1"], check=True)
+    jobs = wait_jobs(*ids.values(), timeout=180)
+    assert_ok(jobs, tmp_path)
+    assert sorted((j["ArrayTaskId"], j["Restarts"]) for j in jobs if j.get("ArrayJobId") == ids["sample"]) == [
+        ("0", "0"), ("1", "1")]
+    err = (tmp_path / f"slurm-rear-sample-{ids['sample']}_1.err").read_text()
+    assert "SIGUSR1" in err and "(exit 143): treated as 75" in err, err
+    assert f"exit 75 after SIGUSR1: requeueing job {ids['sample']}_1" in err, err  # the task alone
     recs = [json.loads(line) for line in record.read_text().splitlines()]
     by = lambda tool, pred=lambda a: True: [x for x in recs if x["tool"] == tool and pred(x["argv"])]  # noqa: E731
     ranks = by("tokenize.py", lambda a: "--rank" in a)
@@ -286,7 +318,7 @@ def test_chain_stub_tools(slurm_cluster, tmp_path):
     samples, evals = by("sample.py"), by("evaluate.py")
     assert sorted(x["argv"][-3] for x in ranks) == ["0", "1"] and all(x["argv"][-1] == "2" for x in ranks)
     assert len(fin) == 1 and fin[0]["argv"] == ["--out", "shards", "--finalize", "--world-size", "2"]
-    assert sorted(x["argv"][-3] for x in samples) == ["0", "1"]
+    assert sorted((x["argv"][-3], x["restart"]) for x in samples) == [("0", "0"), ("1", "0"), ("1", "1")]
     assert evals[0]["argv"] == ["--out", "eval", "--samples", "samples"]
     # afterok: every stage started after the previous one ended (each stub runs >= 0.5 s)
     assert fin[0]["t"] > max(x["t"] for x in ranks) + 0.4
