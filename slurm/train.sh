@@ -154,6 +154,10 @@ else
     if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
         per_node_default=$SLURM_NTASKS_PER_NODE
     elif [ -n "${SLURM_NTASKS:-}" ]; then
+        # --ntasks=3 on 2 nodes has no equal share per node: one process per node would silently drop a task
+        [ $((SLURM_NTASKS % NNODES)) = 0 ] || [ -n "${NTASKS_PER_NODE:-}" ] \
+            || die "SLURM_NTASKS=$SLURM_NTASKS tasks on $NNODES nodes is no equal number per node: submit with" \
+                "--ntasks-per-node (or set NTASKS_PER_NODE)"
         per_node_default=$((SLURM_NTASKS / NNODES))
     else
         per_node_default=1

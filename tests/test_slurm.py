@@ -82,7 +82,9 @@ def fake_slurm(tmp_path):
                        SLURM_NTASKS_PER_NODE=per_node, SLURM_CPUS_PER_TASK=8, SLURM_SUBMIT_DIR=REPO)
         if gpus:
             e["SLURM_GPUS_ON_NODE"] = str(gpus)
-        e.update({k: str(v) for k, v in env.items()})
+        e.update({k: str(v) for k, v in env.items() if v is not None})
+        for k in [k for k, v in env.items() if v is None]:  # None: not set
+            e.pop(k, None)
         return subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--config", str(cfg),
                                "--deepspeed_config", str(ds), *args],
                               cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
@@ -110,8 +112,11 @@ def test_train_dry_run_cpu_and_overrides(fake_slurm):
     assert r.returncode == 0, r.stderr
     assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in r.stdout
     assert "run dir: /tmp/somewhere" in r.stdout and "runs/slurm-4242" not in r.stdout
-    r = fake_slurm(2, gpus=0, ntasks_per_node=2, RUN_DIR="/scratch/run7")
-    assert "world size: 4" in r.stdout and "train.out_dir=/scratch/run7" in r.stdout
+    r = fake_slurm(2, gpus=0, ntasks_per_node=2, RUN_DIR="/scratch/run 7")  # a space stays one argument
+    assert "world size: 4" in r.stdout and "train.out_dir=/scratch/run\\ 7" in r.stdout, r.stdout
+    # SLURM_* that contradict: 3 tasks on 2 nodes (no --ntasks-per-node) has no equal share per node
+    r = fake_slurm(2, gpus=0, SLURM_NTASKS=3, SLURM_NTASKS_PER_NODE=None)
+    assert r.returncode == 2 and "SLURM_NTASKS=3 tasks on 2 nodes is no equal number per node" in r.stderr, r.stderr
 
 
 def test_train_dry_run_rejects_tasks_gpus_mismatch(fake_slurm):
