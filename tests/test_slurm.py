@@ -301,6 +301,7 @@ def test_chain_stub_tools(slurm_cluster, tmp_path):
     env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
                     STUB_HOLD="sample.py:1")
     env.pop("REPO_DIR", None)  # submit_chain.sh derives it from its own path: the fake repo
+    env.pop("PYTHONPATH", None)  # a checkout on it would shadow the fake repo's rear_ds (python -m rear_ds.sample)
     r = subprocess.run(["bash", str(fake / "slurm/submit_chain.sh"), "tokenize:", "--out", "shards",
                         "sample:", "--out-dir", "samples", "--num-samples", "8",
                         "evaluate:", "--out", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
