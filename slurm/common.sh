@@ -74,9 +74,10 @@ rear_on_term() {
 }
 rear_trap_signals() { trap rear_on_usr1 USR1; trap rear_on_term TERM; }
 
-# Wait for the background process $REAR_CHILD; its exit status in REAR_RC. `wait` returns early (>128) when a
-# trapped signal arrives: then wait again for the real status.
+# Wait for the background process $REAR_CHILD; its exit status in REAR_RC. A SIGUSR1 that came before the child
+# existed is passed on now. `wait` returns early (>128) when a trapped signal arrives: then wait again.
 rear_wait_child() {
+    if [ "$REAR_GOT_USR1" = 1 ]; then kill -"${REAR_STOP_SIGNAL:-TERM}" "$REAR_CHILD" 2>/dev/null || true; fi
     while :; do
         REAR_RC=0
         wait "$REAR_CHILD" || REAR_RC=$?

@@ -186,6 +186,12 @@ fi
 REAR_SCRIPT=train.sh
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
+# From here a SIGUSR1 (time-limit warning) is kept and passed on once training runs, not the end of this shell.
+# A requeued job asks for one node's tasks again (REAR_NUM_TASKS), so that after a lost node it starts on those
+# that are left; SIGUSR1 goes to srun, which relays it to every task of the step.
+REAR_STOP_SIGNAL=USR1
+REAR_NUM_TASKS=${SLURM_NTASKS_PER_NODE:-}
+rear_trap_signals
 rear_setup_env
 
 # Per-GPU batch from the resolved config (the same loader training uses), which also rejects a
@@ -233,17 +239,12 @@ fi
 
 
 # ---------------------------------------------------------------- run, forward signals, requeue
-# SIGUSR1 is relayed to every task of the step by srun (slurm/common.sh: rear_trap_signals). A requeued job asks
-# for one node's tasks again (REAR_NUM_TASKS), so that after a lost node it starts on those that are left.
-REAR_STOP_SIGNAL=USR1
-REAR_NUM_TASKS=${SLURM_NTASKS_PER_NODE:-}
-rear_trap_signals
-
 # Where this launch's records start in the run log: its final event tells what training did, whatever the
 # exit status of its teardown says (see below).
 RUN_LOG="$RUN_DIR/log.jsonl"
 log_start=$(stat -c %s "$RUN_LOG" 2>/dev/null || echo 0)
 
+if [ "$REAR_GOT_TERM" = 1 ]; then log "SIGTERM before training started: not starting it"; exit 143; fi
 "${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}" &
 REAR_CHILD=$!
 rear_wait_child
