@@ -186,7 +186,7 @@ fi
 REAR_SCRIPT=train.sh
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
-# From here a SIGUSR1 (time-limit warning) is kept and passed on once training runs, not the end of this shell.
+# From here a SIGUSR1 (time-limit warning) is handled (below), not the end of this shell.
 # A requeued job asks for one node's tasks again (REAR_NUM_TASKS), so that after a lost node it starts on those
 # that are left; SIGUSR1 goes to srun, which relays it to every task of the step.
 REAR_STOP_SIGNAL=USR1
@@ -244,7 +244,9 @@ fi
 RUN_LOG="$RUN_DIR/log.jsonl"
 log_start=$(stat -c %s "$RUN_LOG" 2>/dev/null || echo 0)
 
+# A signal while this shell started up: nothing to checkpoint yet (and srun may not relay a signal this early).
 if [ "$REAR_GOT_TERM" = 1 ]; then log "SIGTERM before training started: not starting it"; exit 143; fi
+if [ "$REAR_GOT_USR1" = 1 ]; then rear_requeue "SIGUSR1 before training started (the last checkpoint stands)"; fi
 "${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}" &
 REAR_CHILD=$!
 rear_wait_child
