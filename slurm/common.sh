@@ -10,6 +10,7 @@
 #   PRE_RUN   shell code eval'ed before the tool starts (e.g. "conda activate rear") [none]
 #   PYTHON    Python interpreter                                              [python]
 #   MAX_REQUEUES  stop requeueing a job after this many restarts (guards against a loop) [50]
+#   REQUEUE_TRIES / REQUEUE_RETRY_S  attempts at `scontrol requeue`, seconds between them     [3 / 10]
 
 rear_log() { echo "[$(basename "${REAR_SCRIPT:-slurm}") $(date '+%F %T')] $*" >&2; }
 rear_die() { echo "[$(basename "${REAR_SCRIPT:-slurm}")] ERROR: $*" >&2; exit 2; }
