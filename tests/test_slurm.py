@@ -229,22 +229,27 @@ def fake_train(tmp_path):
 
 
 def test_train_two_tasks_stub(slurm_cluster, tmp_path, fake_train):
-    """Two tasks; the first start gets the time-limit warning (a real SIGUSR1 to the batch shell, sent from PRE_RUN)
-    before training runs: the shell starts nothing and requeues; the second start trains to the end."""
+    """Two tasks train to the end. Beside it (no second requeue wait: MAX_REQUEUES=0), a job that gets the time-limit
+    warning while it starts up (a real SIGUSR1 to the batch shell, sent from PRE_RUN): it starts no training and
+    exits 75 (the requeue it would ask for is the one test_train_preemption_stub proves)."""
     args, env = fake_train
-    run = tmp_path / "run"
-    early_usr1 = 'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then kill -USR1 $$; fi'
+    run, early = tmp_path / "run", tmp_path / "early"
     jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh", *args, "train.max_steps=4",
-                  f"train.out_dir={run}"], tmp_path, {**env, "PRE_RUN": early_usr1})
-    recs = wait_jobs(jid, timeout=120)
-    assert_ok(recs, tmp_path)
-    assert int(recs[0]["Restarts"]) == 1, recs
-    err = (tmp_path / f"slurm-rear-train-{jid}.err").read_text()
-    assert f"SIGUSR1 before training started (the last checkpoint stands): requeueing job {jid}" in err, err
+                  f"train.out_dir={run}"], tmp_path, env)
+    eid = sbatch([*CPU_JOB, "--ntasks-per-node=1", "--job-name=early", REPO / "slurm/train.sh", *args,
+                  "train.max_steps=4", f"train.out_dir={early}"], tmp_path,
+                 {**env, "PRE_RUN": "kill -USR1 $$", "MAX_REQUEUES": "0"})
+    recs = wait_jobs(jid, eid, timeout=120)
+    assert_ok(recs[:1], tmp_path)
     out = (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
     assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in out
-    assert out.count("fake-train rank 0/2 local 0") == 1 and "fake-train rank 1/2 local 1" in out, out
+    assert "fake-train rank 0/2 local 0" in out and "fake-train rank 1/2 local 1" in out
     assert log_steps(run) == [1, 2, 3, 4] and (run / "checkpoints/latest").read_text() == "4"
+    assert recs[1]["ExitCode"] == "75:0", recs[1]
+    err = (tmp_path / f"slurm-early-{eid}.err").read_text()
+    assert "SIGUSR1 before training started (the last checkpoint stands), but this job was already requeued 0 " \
+        "times (MAX_REQUEUES)" in err, err
+    assert "fake-train" not in (tmp_path / f"slurm-early-{eid}.out").read_text() and not early.exists()
 
 
 @pytest.mark.parametrize("how", ["usr1", "usr1-abort", "requeue"])
