@@ -16,10 +16,16 @@
 # task also stores the Inception features of its chunks (inception/chunk_*.npz): slurm/evaluate.sh then merges
 # them instead of running Inception over all samples (chunks without valid features are computed there).
 # No --array below: choose the size at submit time (sbatch --array=0-N, or SAMPLE_TASKS in submit_chain.sh).
+# Preemption-safe without a checkpoint: chunks are written atomically and a rerun makes only the missing ones. The
+# time-limit warning (SIGUSR1, --signal below) stops the sampler (SIGTERM), and a tool exit 75 (an error that may
+# pass) does the same; either way this array task requeues itself alone (`scontrol requeue <array>_<task>`, the
+# same job id), at most MAX_REQUEUES times. After Slurm's own SIGTERM (scancel, preemption, a lost node) Slurm
+# decides: a preempted task is requeued by Slurm (--requeue), a cancelled one stays cancelled.
 #
 # Variables (defaults in brackets); also those of slurm/common.sh (REPO_DIR, MODULES, VENV, PRE_RUN, PYTHON):
 #   SAMPLE_MODULE          Python module to run                                     [rear_ds.sample]
 #   RANK_FLAG / WORLD_FLAG flag names that pass the array position        [--rank / --world-size]
+#   MAX_REQUEUES           requeue a task at most this often (guards against a loop)          [50]
 #   DRY_RUN                1 = print the command instead of running it                        [0]
 # sbatch defaults: override on the command line or with SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT...
 
@@ -29,6 +35,7 @@
 #SBATCH --gpus-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%A_%a.out
@@ -45,7 +52,5 @@ source slurm/common.sh
 SAMPLE_MODULE=${SAMPLE_MODULE:-rear_ds.sample}
 [ -f "${SAMPLE_MODULE//.//}.py" ] || rear_die "${SAMPLE_MODULE//.//}.py not found in $REPO_DIR (submit from the repo root or set REPO_DIR)"
 rear_setup_env
-# Rank within the array even when it does not start at 0 (--array=8-15).
-ARRAY_RANK=$(( ${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0} ))
-rear_exec "$PYTHON" -m "$SAMPLE_MODULE" "$@" \
-    "${RANK_FLAG:---rank}" "$ARRAY_RANK" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"
+rear_run_requeue_on_75 "$PYTHON" -m "$SAMPLE_MODULE" "$@" \
+    "${RANK_FLAG:---rank}" "$(rear_array_rank)" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"

@@ -32,6 +32,7 @@
 #SBATCH --gpus-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%A_%a.out
@@ -53,15 +54,14 @@ source slurm/common.sh
 TOKENIZE_SCRIPT=${TOKENIZE_SCRIPT:-data_prep/tokenize.py}
 [ -f "$TOKENIZE_SCRIPT" ] || rear_die "$TOKENIZE_SCRIPT not found in $REPO_DIR (submit from the repo root or set REPO_DIR)"
 rear_setup_env
-# Rank within the array even when it does not start at 0 (--array=8-15).
-ARRAY_RANK=$(( ${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0} ))
 
 case "${STAGE:-rank}" in
     rank)
         # Exit 75: an input stayed unreadable with an error that may pass (EIO, ESTALE, ...) and the rank stopped
-        # before committing that shard: requeue the task; its rerun skips the shards already committed.
+        # before committing that shard; or the time-limit warning (SIGUSR1) stopped it: requeue the task; its
+        # rerun skips the shards already committed.
         rear_run_requeue_on_75 "$PYTHON" "$TOKENIZE_SCRIPT" "$@" \
-            "${RANK_FLAG:---rank}" "$ARRAY_RANK" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"
+            "${RANK_FLAG:---rank}" "$(rear_array_rank)" "${WORLD_FLAG:---world-size}" "${SLURM_ARRAY_TASK_COUNT:-1}"
         ;;
     finalize)
         rear_exec "$PYTHON" "$TOKENIZE_SCRIPT" "$@" \

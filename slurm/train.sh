@@ -29,6 +29,11 @@
 # same, and training resumes from <run dir>/checkpoints/latest by itself. On SIGTERM (scancel, preemption,
 # `scontrol requeue` from outside) Slurm signals the training processes itself; this shell waits for them
 # and does not requeue (Slurm decides). KillWait on the cluster must leave time to write a checkpoint.
+# Lost node: Slurm requeues the job (--requeue) but keeps the task count of its last allocation, so with a node
+# range (sbatch --nodes=2-4) the requeued job would wait for the lost node; this shell lowers the pending job's
+# count to one node's tasks (`scontrol update jobid=<job> NumTasks=<tasks per node>`, also after its own
+# requeue), and the job starts again on the nodes that are up: another world size, resumed through the universal
+# checkpoint. A fixed --nodes=N gets N nodes again (Slurm sets nodes x tasks per node at each allocation).
 #
 # #SBATCH defaults below; override any of them on the sbatch command line (--nodes=4, --time=..) or with
 # Slurm's own input variables, which is how partition/account are chosen (never hard-coded here):
@@ -149,6 +154,10 @@ else
     if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
         per_node_default=$SLURM_NTASKS_PER_NODE
     elif [ -n "${SLURM_NTASKS:-}" ]; then
+        # --ntasks=3 on 2 nodes has no equal share per node: one process per node would silently drop a task
+        [ $((SLURM_NTASKS % NNODES)) = 0 ] || [ -n "${NTASKS_PER_NODE:-}" ] \
+            || die "SLURM_NTASKS=$SLURM_NTASKS tasks on $NNODES nodes is no equal number per node: submit with" \
+                "--ntasks-per-node (or set NTASKS_PER_NODE)"
         per_node_default=$((SLURM_NTASKS / NNODES))
     else
         per_node_default=1
@@ -177,6 +186,12 @@ fi
 REAR_SCRIPT=train.sh
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
+# From here a SIGUSR1 (time-limit warning) is handled (below), not the end of this shell.
+# A requeued job asks for one node's tasks again (REAR_NUM_TASKS), so that after a lost node it starts on those
+# that are left; SIGUSR1 goes to srun, which relays it to every task of the step.
+REAR_STOP_SIGNAL=USR1
+REAR_NUM_TASKS=${SLURM_NTASKS_PER_NODE:-}
+rear_trap_signals
 rear_setup_env
 
 # Per-GPU batch from the resolved config (the same loader training uses), which also rejects a
@@ -224,42 +239,18 @@ fi
 
 
 # ---------------------------------------------------------------- run, forward signals, requeue
-GOT_USR1=0
-GOT_TERM=0
-SIGNALLED=0
-STEP_PID=""
-# shellcheck disable=SC2317  # trap handlers are reached through `trap`
-on_usr1() {
-    GOT_USR1=1
-    SIGNALLED=1
-    log "SIGUSR1 (time limit / preemption warning): asking training to checkpoint and stop"
-    # srun relays SIGUSR1 to every task of the step.
-    if [ -n "$STEP_PID" ]; then kill -USR1 "$STEP_PID" 2>/dev/null || true; fi
-}
-# shellcheck disable=SC2317
-on_term() {
-    GOT_TERM=1
-    SIGNALLED=1
-    # Slurm signals the step's processes itself; only wait for them to finish their checkpoint.
-    log "SIGTERM: job is being cancelled, preempted or requeued by Slurm; waiting for training"
-}
-trap on_usr1 USR1
-trap on_term TERM
-
 # Where this launch's records start in the run log: its final event tells what training did, whatever the
 # exit status of its teardown says (see below).
 RUN_LOG="$RUN_DIR/log.jsonl"
 log_start=$(stat -c %s "$RUN_LOG" 2>/dev/null || echo 0)
 
+# A signal while this shell started up: nothing to checkpoint yet (and srun may not relay a signal this early).
+if [ "$REAR_GOT_TERM" = 1 ]; then log "SIGTERM before training started: not starting it"; exit 143; fi
+if [ "$REAR_GOT_USR1" = 1 ]; then rear_requeue "SIGUSR1 before training started (the last checkpoint stands)"; fi
 "${SRUN[@]}" "${TASK[@]}" "${TRAIN[@]}" &
-STEP_PID=$!
-while :; do
-    rc=0
-    wait "$STEP_PID" || rc=$?
-    # wait returns early (>128) when a trapped signal arrives: wait again for the real status.
-    if [ "$SIGNALLED" = 1 ] && [ "$rc" -gt 128 ]; then SIGNALLED=0; continue; fi
-    break
-done
+REAR_CHILD=$!
+rear_wait_child
+rc=$REAR_RC
 log "training step exited with $rc"
 
 # Training writes {"event": "stop"} after its preemption checkpoint and {"event": "finished"} after its final
@@ -273,7 +264,7 @@ if [ "$rc" != 0 ] && [ "$rc" != 75 ]; then
     esac
 fi
 
-if [ "$rc" = 75 ] && [ "$GOT_TERM" = 0 ]; then
-    rear_requeue "checkpoint written (exit 75$([ "$GOT_USR1" = 1 ] && echo ' after SIGUSR1'))"
+if [ "$rc" = 75 ] && [ "$REAR_GOT_TERM" = 0 ]; then
+    rear_requeue "checkpoint written (exit 75$([ "$REAR_GOT_USR1" = 1 ] && echo ' after SIGUSR1'))"
 fi
 exit "$rc"

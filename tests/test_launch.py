@@ -4,6 +4,8 @@ The environments are those Slurm and the launchers make: an srun step task (SLUR
 only), the batch script itself (`sbatch --ntasks=4 --array=0-7 script.sh` without srun: SLURM_PROCID=0 and
 SLURM_NTASKS=4, but one process), deepspeed/torchrun, and array tasks with a start offset and a stride.
 """
+import os
+
 import pytest
 
 from rear_ds.launch import Launch, LaunchError, cuda_index, parse
@@ -118,3 +120,21 @@ def test_every_entry_point_uses_it(monkeypatch):
     for k, v in batch.items():
         monkeypatch.setenv(k, v)
     assert launch_env.detect() == launch_env.LaunchEnv(0, 0, 1, "single")
+
+
+def test_local_size_is_this_nodes_task_count(monkeypatch):
+    """Under plain srun LOCAL_SIZE (DeepSpeed's CPU device count) is the tasks on this node, also when they differ."""
+    from rear_ds.training import launch_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    step = {"SLURM_PROCID": "3", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]",
+            "SLURM_JOB_ID": "7", "SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}
+    for k, v in step.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env.detect() == launch_env.LaunchEnv(3, 0, 4, "slurm")
+    assert os.environ["LOCAL_SIZE"] == "1" and os.environ["WORLD_SIZE"] == "4"
+    assert [launch_env.tasks_on_node("2(x3),1", n) for n in range(4)] == [2, 2, 2, 1]
+    with pytest.raises(launch_env.LaunchError, match="SLURM_NODEID=2 is outside the 2 nodes"):
+        launch_env.tasks_on_node("3,1", 2)

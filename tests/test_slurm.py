@@ -82,7 +82,9 @@ def fake_slurm(tmp_path):
                        SLURM_NTASKS_PER_NODE=per_node, SLURM_CPUS_PER_TASK=8, SLURM_SUBMIT_DIR=REPO)
         if gpus:
             e["SLURM_GPUS_ON_NODE"] = str(gpus)
-        e.update({k: str(v) for k, v in env.items()})
+        e.update({k: str(v) for k, v in env.items() if v is not None})
+        for k in [k for k, v in env.items() if v is None]:  # None: not set
+            e.pop(k, None)
         return subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--config", str(cfg),
                                "--deepspeed_config", str(ds), *args],
                               cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
@@ -110,8 +112,11 @@ def test_train_dry_run_cpu_and_overrides(fake_slurm):
     assert r.returncode == 0, r.stderr
     assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in r.stdout
     assert "run dir: /tmp/somewhere" in r.stdout and "runs/slurm-4242" not in r.stdout
-    r = fake_slurm(2, gpus=0, ntasks_per_node=2, RUN_DIR="/scratch/run7")
-    assert "world size: 4" in r.stdout and "train.out_dir=/scratch/run7" in r.stdout
+    r = fake_slurm(2, gpus=0, ntasks_per_node=2, RUN_DIR="/scratch/run 7")  # a space stays one argument
+    assert "world size: 4" in r.stdout and "train.out_dir=/scratch/run\\ 7" in r.stdout, r.stdout
+    # SLURM_* that contradict: 3 tasks on 2 nodes (no --ntasks-per-node) has no equal share per node
+    r = fake_slurm(2, gpus=0, SLURM_NTASKS=3, SLURM_NTASKS_PER_NODE=None)
+    assert r.returncode == 2 and "SLURM_NTASKS=3 tasks on 2 nodes is no equal number per node" in r.stderr, r.stderr
 
 
 def test_train_dry_run_rejects_tasks_gpus_mismatch(fake_slurm):
@@ -154,6 +159,23 @@ def slurm_cluster():
         pytest.skip(reason)
     with running_cluster(nodes=0):
         yield
+
+
+def test_stepped_array_ranks_and_requeue_without_controller(slurm_cluster, tmp_path):
+    """--array=0-6:2 gives ranks 0..3 of 4 (not ids 0..6); a requeue the controller refuses (the real one; here: a
+    job id it does not know. An unreachable controller fails the same call, after scontrol's own retries of 10-60 s)
+    is tried REQUEUE_TRIES times, then exits 75 saying what to do, not 1."""
+    array = dict(SLURM_ARRAY_TASK_ID=4, SLURM_ARRAY_TASK_MIN=0, SLURM_ARRAY_TASK_STEP=2, SLURM_ARRAY_TASK_COUNT=4)
+    for script in ("sample.sh", "tokenize.sh"):
+        r = subprocess.run(["bash", str(REPO / "slurm" / script), "--x", "a b"], cwd=REPO, capture_output=True,
+                           text=True, env=clean_env(DRY_RUN=1, SLURM_JOB_ID=7, **array))
+        assert r.returncode == 0 and r.stdout.rstrip().endswith("--x a\\ b --rank 2 --world-size 4"), r.stdout
+    r = subprocess.run(["bash", "-c", "source slurm/common.sh; rear_requeue 'checkpoint written'"], cwd=REPO,
+                       capture_output=True, text=True, env=clean_env(SLURM_JOB_ID=999999, REQUEUE_RETRY_S=0,
+                                                                     REQUEUE_TRIES=2))
+    assert r.returncode == 75, (r.returncode, r.stderr)
+    assert "checkpoint written: requeueing job 999999" in r.stderr and "scontrol requeue 999999 failed 2 times" in \
+        r.stderr and "resubmit" in r.stderr and r.stderr.count("Invalid job id") == 2, r.stderr
 
 
 # A stand-in for rear_ds/train.py that follows the CONTRACTS.md CLI and exit codes: checkpoint + exit 75 on
@@ -207,15 +229,27 @@ def fake_train(tmp_path):
 
 
 def test_train_two_tasks_stub(slurm_cluster, tmp_path, fake_train):
+    """Two tasks train to the end. Beside it (no second requeue wait: MAX_REQUEUES=0), a job that gets the time-limit
+    warning while it starts up (a real SIGUSR1 to the batch shell, sent from PRE_RUN): it starts no training and
+    exits 75 (the requeue it would ask for is the one test_train_preemption_stub proves)."""
     args, env = fake_train
-    run = tmp_path / "run"
+    run, early = tmp_path / "run", tmp_path / "early"
     jid = sbatch([*CPU_JOB, "--ntasks-per-node=2", REPO / "slurm/train.sh", *args, "train.max_steps=4",
                   f"train.out_dir={run}"], tmp_path, env)
-    assert_ok(wait_jobs(jid, timeout=120), tmp_path)
+    eid = sbatch([*CPU_JOB, "--ntasks-per-node=1", "--job-name=early", REPO / "slurm/train.sh", *args,
+                  "train.max_steps=4", f"train.out_dir={early}"], tmp_path,
+                 {**env, "PRE_RUN": "kill -USR1 $$", "MAX_REQUEUES": "0"})
+    recs = wait_jobs(jid, eid, timeout=120)
+    assert_ok(recs[:1], tmp_path)
     out = (tmp_path / f"slurm-rear-train-{jid}.out").read_text()
     assert "world size: 2 (1 nodes x 2 processes per node, cpu)" in out
     assert "fake-train rank 0/2 local 0" in out and "fake-train rank 1/2 local 1" in out
     assert log_steps(run) == [1, 2, 3, 4] and (run / "checkpoints/latest").read_text() == "4"
+    assert recs[1]["ExitCode"] == "75:0", recs[1]
+    err = (tmp_path / f"slurm-early-{eid}.err").read_text()
+    assert "SIGUSR1 before training started (the last checkpoint stands), but this job was already requeued 0 " \
+        "times (MAX_REQUEUES)" in err, err
+    assert "fake-train" not in (tmp_path / f"slurm-early-{eid}.out").read_text() and not early.exists()
 
 
 @pytest.mark.parametrize("how", ["usr1", "usr1-abort", "requeue"])
@@ -254,31 +288,47 @@ def test_train_preemption_stub(slurm_cluster, tmp_path, fake_train, how):
 
 STUB_TOOL = r'''
 import json, os, sys, time
+tool, task, restart = sys.argv[0].split("/")[-1], os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
 with open(os.environ["STUB_RECORD"], "a") as f:
-    f.write(json.dumps({"tool": sys.argv[0].split("/")[-1], "argv": sys.argv[1:], "t": time.time(),
-                        "job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+    f.write(json.dumps({"tool": tool, "argv": sys.argv[1:], "t": time.time(), "job": os.environ.get("SLURM_JOB_ID"),
+                        "task": task, "restart": restart}) + "\n")
+if os.environ.get("STUB_HOLD") == f"{tool}:{task}" and restart == "0":  # wait to be stopped (no signal handler)
+    open(os.environ["STUB_RECORD"] + ".held", "w").close()
+    time.sleep(300)
 time.sleep(0.5)
 '''
 
 
 def test_chain_stub_tools(slurm_cluster, tmp_path):
     """slurm/submit_chain.sh tokenize (array of 2 + finalize) -> sample (array of 2) -> evaluate, run for
-    real with stand-in tools that record their arguments: ranks, order (afterok) and wiring."""
+    real with stand-in tools that record their arguments: ranks, order (afterok) and wiring. Sample task 1 gets the
+    time-limit warning (SIGUSR1 to its batch shell) while it works: the shell stops the tool (SIGTERM), requeues that
+    task alone, its rerun completes, and evaluate still starts after both."""
     fake = tmp_path / "repo"
     for rel in ("data_prep/tokenize.py", "rear_ds/sample.py", "rear_ds/evaluate.py"):
         (fake / rel).parent.mkdir(parents=True, exist_ok=True)
         (fake / rel).write_text(STUB_TOOL)
     (fake / "slurm").symlink_to(REPO / "slurm")
     record = tmp_path / "record.jsonl"
-    env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB))
+    env = clean_env(STUB_RECORD=record, TOKENIZE_TASKS=2, SAMPLE_TASKS=2, SBATCH_EXTRA=" ".join(CPU_JOB),
+                    STUB_HOLD="sample.py:1")
     env.pop("REPO_DIR", None)  # submit_chain.sh derives it from its own path: the fake repo
+    env.pop("PYTHONPATH", None)  # a checkout on it would shadow the fake repo's rear_ds (python -m rear_ds.sample)
     r = subprocess.run(["bash", str(fake / "slurm/submit_chain.sh"), "tokenize:", "--out", "shards",
                         "sample:", "--out-dir", "samples", "--num-samples", "8",
                         "evaluate:", "--out", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
     assert list(ids) == ["tokenize", "finalize", "sample", "evaluate"]
-    assert_ok(wait_jobs(*ids.values(), timeout=180), tmp_path)
+    wait_for(lambda: Path(f"{record}.held").exists(), 180, "sample task 1 to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{ids['sample']}_1"], check=True)
+    jobs = wait_jobs(*ids.values(), timeout=180)
+    assert_ok(jobs, tmp_path)
+    assert sorted((j["ArrayTaskId"], j["Restarts"]) for j in jobs if j.get("ArrayJobId") == ids["sample"]) == [
+        ("0", "0"), ("1", "1")]
+    err = (tmp_path / f"slurm-rear-sample-{ids['sample']}_1.err").read_text()
+    assert "SIGUSR1" in err and "(exit 143): treated as 75" in err, err
+    assert f"exit 75 after SIGUSR1: requeueing job {ids['sample']}_1" in err, err  # the task alone
     recs = [json.loads(line) for line in record.read_text().splitlines()]
     by = lambda tool, pred=lambda a: True: [x for x in recs if x["tool"] == tool and pred(x["argv"])]  # noqa: E731
     ranks = by("tokenize.py", lambda a: "--rank" in a)
@@ -286,7 +336,7 @@ def test_chain_stub_tools(slurm_cluster, tmp_path):
     samples, evals = by("sample.py"), by("evaluate.py")
     assert sorted(x["argv"][-3] for x in ranks) == ["0", "1"] and all(x["argv"][-1] == "2" for x in ranks)
     assert len(fin) == 1 and fin[0]["argv"] == ["--out", "shards", "--finalize", "--world-size", "2"]
-    assert sorted(x["argv"][-3] for x in samples) == ["0", "1"]
+    assert sorted((x["argv"][-3], x["restart"]) for x in samples) == [("0", "0"), ("1", "0"), ("1", "1")]
     assert evals[0]["argv"] == ["--out", "eval", "--samples", "samples"]
     # afterok: every stage started after the previous one ended (each stub runs >= 0.5 s)
     assert fin[0]["t"] > max(x["t"] for x in ranks) + 0.4
