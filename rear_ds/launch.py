@@ -21,6 +21,7 @@ several copies of the same work.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -123,6 +124,27 @@ def _array(env: Mapping, task_id: Optional[int], num_tasks: Optional[int]) -> tu
                           "--task-id/--num-tasks")
     task = offset // stride
     return task, count, f"array task {task} of {count} ({where})"
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Slurm's tasks-per-node list (``"2(x3),1"``: 2 tasks on each of nodes 0-2, 1 on node 3) at ``node``."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise LaunchError(f"tasks per node {spec!r} (SLURM_STEP_TASKS_PER_NODE): cannot read {part!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node < len(counts):
+        raise LaunchError(f"SLURM_NODEID={node} is outside the {len(counts)} nodes of tasks per node {spec!r}")
+    return counts[node]
+
+
+def slurm_tasks_on_this_node(env: Mapping) -> int:
+    """Processes of this srun step on this node. SLURM_NTASKS_PER_NODE alone would be wrong for
+    ``srun --ntasks=3`` on 2 nodes (2 + 1), where it is unset: the step's per-node list is read instead."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or env.get(
+        "SLURM_NTASKS_PER_NODE", "1")
+    return tasks_on_node(spec, _int(env, "SLURM_NODEID", 0))
 
 
 def parse(env: Optional[Mapping] = None, task_id: Optional[int] = None, num_tasks: Optional[int] = None,

@@ -17,7 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-from rear_ds.launch import LaunchError, parse  # noqa: F401  (LaunchError: raised from here too)
+# LaunchError is raised from here too; tasks_on_node is re-exported for the tests
+from rear_ds.launch import LaunchError, parse, slurm_tasks_on_this_node, tasks_on_node  # noqa: F401
 
 
 @dataclass
@@ -62,20 +63,6 @@ def _expand_brackets(name: str) -> list:
     return [prefix + item + tail for item in items for tail in _expand_brackets(rest)]
 
 
-def tasks_on_node(spec: str, node: int) -> int:
-    """Slurm's tasks-per-node list (``"2(x3),1"``: 2 tasks on each of nodes 0-2, 1 on node 3) at ``node``.
-    SLURM_NTASKS_PER_NODE alone would be wrong for ``srun --ntasks=3`` on 2 nodes (2 + 1), or unset."""
-    counts = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise LaunchError(f"tasks per node {spec!r} (SLURM_STEP_TASKS_PER_NODE): cannot read {part!r}")
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    if not 0 <= node < len(counts):
-        raise LaunchError(f"SLURM_NODEID={node} is outside the {len(counts)} nodes of tasks per node {spec!r}")
-    return counts[node]
-
-
 def first_host(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
@@ -102,9 +89,7 @@ def detect() -> LaunchEnv:
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 12000))
         # LOCAL_SIZE: DeepSpeed's CPU accelerator takes it for the device count (ZeRO-3's and ZeRO++'s node groups)
         env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.procs), LOCAL_RANK=str(launch.local_rank),
-                   LOCAL_SIZE=str(tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get(
-                       "SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE", "1"),
-                       int(env.get("SLURM_NODEID", "0")))))
+                   LOCAL_SIZE=str(slurm_tasks_on_this_node(env)))
     elif launch.launcher == "single":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", "29512")
