@@ -135,6 +135,8 @@ def test_local_size_is_this_nodes_task_count(monkeypatch):
         monkeypatch.setenv(k, v)
     assert launch_env.detect() == launch_env.LaunchEnv(3, 0, 4, "slurm")
     assert os.environ["LOCAL_SIZE"] == "1" and os.environ["WORLD_SIZE"] == "4"
-    assert [launch_env.tasks_on_node("2(x3),1", n) for n in range(4)] == [2, 2, 2, 1]
+    from rear_ds.launch import tasks_on_node
+
+    assert [tasks_on_node("2(x3),1", n) for n in range(4)] == [2, 2, 2, 1]
     with pytest.raises(launch_env.LaunchError, match="SLURM_NODEID=2 is outside the 2 nodes"):
-        launch_env.tasks_on_node("3,1", 2)
+        tasks_on_node("3,1", 2)

@@ -17,8 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-# LaunchError is raised from here too; tasks_on_node is re-exported for the tests
-from rear_ds.launch import LaunchError, parse, slurm_tasks_on_this_node, tasks_on_node  # noqa: F401
+from rear_ds.launch import LaunchError, parse, slurm_tasks_on_this_node  # noqa: F401  (LaunchError: raised from here too)
 
 
 @dataclass
