@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from rear_ds import launch
+from rear_ds import cli, launch
 from rear_ds.config import ConfigError, TokenizerConfig, apply_section, find_config_file
 from . import shards as S
 from .preprocess import (IMAGE_FORMATS, MAX_ASPECT_RATIO, TEN_CROP_RATIO, VIEW_MODES, load_image, make_views,
@@ -361,8 +361,6 @@ class TokenizeJob:
         return self.summary()
 
     def _process(self, work: list, flat: list) -> None:
-        from rear_ds import cli
-
         a = self.args
         ds = _DecodeSet([it for _, _, it in flat], self.settings["preprocessing"]["image_size"], a.views, a.min_size)
         loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=a.workers, collate_fn=_collate,
@@ -459,8 +457,6 @@ def finalize(out: str, verify_hashes: bool = True, world_size: Optional[int] = N
     plan = first["plan"]
     # for messages: the world size of this finalize, else of the newest part file
     world = world_size or max(parts, key=lambda p: os.path.getmtime(p[0]))[1]["world_size"]
-    from rear_ds import cli
-
     problems, shards = [], []
     bar = cli.progress(plan["num_shards"], "finalize: checking shards", disable=plan["num_shards"] < 100, unit="shard")
     for j in range(plan["num_shards"]):  # reads every byte for its sha256: ~30 GB for ten-crop ImageNet
@@ -600,8 +596,6 @@ Example:
 
 
 def build_parser():
-    from rear_ds import cli
-
     p = cli.parser(HELP, "data_prep/tokenize.py", "rear-tokenize")
     p.add_argument("--input", default="", help="ImageNet-style folder, folder of .tar image shards, or brace pattern")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
